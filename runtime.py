@@ -1,0 +1,468 @@
+"""Plumbing every stage shares, so that sft.py, reward_model.py, metarm.py and ppo.py can read as
+algorithms: command-line arguments from a dataclass, distributed set-up (one process, DDP or
+FSDP2, gloo on CPU and NCCL on GPU), run folders (args.json, metrics.jsonl, resumable
+checkpoints, the DONE marker) and loading/saving Hugging Face models with clear errors.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def progress(iterable, d, **kw):
+    """A tqdm bar on rank 0; in a log file (not a terminal) it prints every 20 seconds at most."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not d.main, dynamic_ncols=True,
+                mininterval=0.2 if sys.stderr.isatty() else 20, **kw)
+
+
+# DCP warns that it saves "in a single process" whenever no process group exists: that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag, missing model): printed as one line."""
+
+
+def guard(main):
+    """Run main(); a UserError becomes one 'error: ...' line and exit status 2, not a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: a documented dataclass at the top of each stage becomes its command line
+# ---------------------------------------------------------------------------------------------
+def arg(default, help, choices=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def parse_args(cls, doc, argv=None):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = _bool if f.type is bool else f.type
+        ap.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
+                        help=f"{f.metadata['help']} (default: {f.default!r})")
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"  # how trainable models are wrapped when world > 1: "ddp" or "fsdp"
+    bf16: bool = False  # bf16 compute (GPU only)
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def print(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def init_distributed(strategy="ddp", precision="auto"):
+    """One process, or one of WORLD_SIZE processes started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise UserError("--precision bf16 needs a GPU; on CPU every stage runs in fp32")
+    return Dist(rank, world, local_rank, device, strategy, precision == "bf16")
+
+
+def all_sum(x):
+    """Sum a float or tensor over ranks (identity in one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t.item() if t.dim() == 0 else t
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decoder_layers(model):
+    """The transformer blocks of a Hugging Face model (what FSDP2 shards one by one)."""
+    base = getattr(model, "base_model", model)
+    for name in ("layers", "h", "blocks", "layer"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def wrap(model, d, trainable=True, gradient_checkpointing=False):
+    """Move a model to the device and wrap it for d.strategy; frozen models are only sharded."""
+    hf = getattr(model, "hf", model)
+    if gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if d.world > 1 and d.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if d.bf16 else None,
+                                  reduce_dtype=torch.float32)
+        for layer in decoder_layers(hf):
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model.to(d.device)
+    model = model.to(d.device)
+    if d.world > 1 and trainable:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(d):
+    """bf16 autocast for one process or DDP on GPU; FSDP2 casts by its own policy; CPU is fp32."""
+    if d.bf16 and not (d.world > 1 and d.strategy == "fsdp"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def grad_sync(model, enabled):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (accumulation)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        yield
+        model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def micro_batches(rows, size):
+    return [rows[i:i + size] for i in range(0, len(rows), size)] if size > 0 else [rows]
+
+
+def set_lr(opt, peak, step, total, warmup):
+    """Linear warm-up over `warmup` steps, then linear decay to zero (the paper's schedule)."""
+    if step < warmup:
+        lr = peak * (step + 1) / warmup
+    else:
+        lr = peak * max(0.0, (total - step) / max(1, total - warmup))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip and return the global gradient norm (works on DTensor shards under FSDP2 too)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving models
+# ---------------------------------------------------------------------------------------------
+def check_model_path(name):
+    """Fail early, in one line, on a folder that does not exist or is an unfinished run."""
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "args.json")) and not is_done(name):
+            raise UserError(f"{name} is a run folder without its DONE marker: that stage did not "
+                            "finish; run it again to resume it")
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UserError(f"{name} has no config.json: not a Hugging Face model folder")
+        return
+    first = name.split("/")[0]
+    if name.startswith(("/", ".", "~")) or os.path.exists(first) or name.count("/") > 1:
+        raise UserError(f"model folder {name} does not exist")
+
+
+def _from_pretrained(cls, name, **kw):
+    check_model_path(name)
+    try:
+        return cls.from_pretrained(name, **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise UserError(f"cannot load {name!r}: it is not a local folder and {why} "
+                        f"({str(e).splitlines()[0][:160]}). Download it where there is network "
+                        "access and pass the local folder instead") from None
+
+
+def no_dropout(model):
+    """Dropout off everywhere: RLHF log-probabilities and rewards must be deterministic."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "summary_first_dropout", "classifier_dropout"):
+        if getattr(model.config, key, None):
+            setattr(model.config, key, 0.0)
+    return model
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    tok = _from_pretrained(AutoTokenizer, name)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # Llama-2 has no PAD; a PAD equal to EOS would make a real EOS look like padding.
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def load_causal_lm(name, tok):
+    from transformers import AutoModelForCausalLM
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
+    return _fit_vocab(no_dropout(model), tok)
+
+
+def _fit_vocab(model, tok):
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def save_model(model, tok, out_dir, d, extra=None):
+    """Gather the full weights and save a plain save_pretrained folder (rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = unwrap(model)
+    hf = getattr(inner, "hf", inner)
+    if hf is not inner:  # a wrapper such as reward_model.ScalarModel: strip its prefix
+        sd = {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
+    if d.main:
+        tmp = os.path.join(out_dir, "model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_pretrained(tmp, state_dict=sd)
+        tok.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: args.json, metrics.jsonl, checkpoint/, and DONE written last
+# ---------------------------------------------------------------------------------------------
+def is_done(path):
+    return os.path.exists(os.path.join(path, "DONE"))
+
+
+# Flags that may differ when a run is resumed (they do not change what is computed).
+RESUME_FREE = {"save_every", "log_every", "eval_every"}
+
+
+class Run:
+    """A stage's output folder. Resumes from its last checkpoint when one is there."""
+
+    def __init__(self, path, args, d):
+        self.path, self.d, self.t0 = path, d, time.time()
+        self.args = dataclasses.asdict(args)
+        self.ckpt = os.path.join(path, "checkpoint")
+        if d.main:
+            os.makedirs(path, exist_ok=True)
+            old = os.path.join(path, "args.json")
+            if os.path.exists(old) and self.has_checkpoint():
+                with open(old) as f:
+                    before = json.load(f)
+                diff = {k: (before.get(k), v) for k, v in self.args.items()
+                        if k not in RESUME_FREE and before.get(k) != v}
+                if diff:
+                    raise UserError(f"{path} holds a checkpoint of a run with other arguments "
+                                    f"{diff} (before, now): use another --output_dir or delete it")
+            with open(old + ".tmp", "w") as f:
+                json.dump({**self.args, "world_size": d.world}, f, indent=2)
+            os.replace(old + ".tmp", old)
+        barrier()
+
+    def has_checkpoint(self):
+        return any(os.path.exists(os.path.join(self.ckpt + s, "state.json")) for s in ("", ".old"))
+
+    def log(self, step, metrics):
+        if self.d.main:
+            row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v)
+                                    for k, v in metrics.items()}}
+            with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self, step, model, optimizer, state=None):
+        """DCP checkpoint of model + optimizer (reshardable to another world size), atomically."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(model, optimizer)
+        tmp = self.ckpt + ".tmp"
+        if self.d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        if self.d.main:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, "rng": torch.get_rng_state().tolist(), **(state or {})}, f)
+            if os.path.exists(self.ckpt):
+                shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
+                os.replace(self.ckpt, self.ckpt + ".old")
+            os.replace(tmp, self.ckpt)
+            shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
+        barrier()
+
+    def load_checkpoint(self, model, optimizer):
+        """Restore the last checkpoint into model/optimizer; returns its state dict or None."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        path = next((self.ckpt + s for s in ("", ".old")
+                     if os.path.exists(os.path.join(self.ckpt + s, "state.json"))), None)
+        if path is None:
+            return None
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=path, no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        if self.d.main:  # forget metrics logged after the checkpoint: they will be logged again
+            self._truncate_metrics(state["step"])
+        self.d.print(f"resuming {self.path} from step {state['step']}")
+        return state
+
+    def _truncate_metrics(self, step):
+        p = os.path.join(self.path, "metrics.jsonl")
+        if os.path.exists(p):
+            with open(p) as f:
+                keep = [l for l in f if json.loads(l).get("step", 0) <= step]
+            with open(p + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(p + ".tmp", p)
+
+    def finish(self, summary):
+        """Write DONE last: its presence means everything else in the folder is complete."""
+        if self.d.main:
+            shutil.rmtree(self.ckpt, ignore_errors=True)
+            shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
+            summary = {**summary, "wall_time_s": round(time.time() - self.t0, 1)}
+            with open(os.path.join(self.path, "DONE.tmp"), "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(os.path.join(self.path, "DONE.tmp"), os.path.join(self.path, "DONE"))
+            print(json.dumps(summary), flush=True)
+        barrier()
+
+
+def total_steps(n_rows, global_batch, epochs):
+    return math.ceil(n_rows * epochs / global_batch)
+
+
+def batch_indices(n_rows, global_batch, step, seed, d):
+    """This rank's row indices for global step `step`. The rows form one stream, a fresh
+    permutation per epoch (the same on every rank), cut into consecutive global batches; each
+    rank takes a contiguous slice of the batch, so the batch does not depend on the world size."""
+    if global_batch % d.world:
+        raise UserError(f"the global batch {global_batch} must be divisible by the number of "
+                        f"processes {d.world}")
+    positions = range(step * global_batch, (step + 1) * global_batch)
+    perms = {}
+    rows = []
+    for p in positions:
+        epoch = p // n_rows
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_rows)
+        rows.append(int(perms[epoch][p % n_rows]))
+    per_rank = global_batch // d.world
+    return rows[d.rank * per_rank:(d.rank + 1) * per_rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 40
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, s, d):
+    """Sample one response per prompt. prompt_ids: list of id lists (left-padded here, so every
+    response starts at the same column). Returns (query, response) tensors: response is padded
+    with PAD after its EOS, so PAD never hides a real EOS."""
+    import data
+    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
+    query, qmask = query.to(d.device), qmask.to(d.device)
+    inner = unwrap(model)
+    out = inner.generate(input_ids=query, attention_mask=qmask, do_sample=True,
+                         temperature=s.temperature, top_p=s.top_p,
+                         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         # under FSDP every rank must run the same number of forward passes
+                         synced_gpus=d.world > 1 and d.strategy == "fsdp")
+    return query, out[:, query.shape[1]:]
+
+
+def decode_responses(tok, response):
+    """Response ids -> text, cut at the first EOS, without special tokens."""
+    texts = []
+    for row in response.tolist():
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts
