@@ -76,7 +76,8 @@ class ScalarModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         h = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions(attention_mask)).last_hidden_state
-        return self.hf.score(h).squeeze(-1).float()
+        scores = self.hf.score(h).squeeze(-1)
+        return scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
 
 
 def positions(mask):
@@ -190,6 +191,12 @@ def embedded(path):
     return os.path.isfile(os.path.join(os.path.dirname(path), "task.json"))
 
 
+def gold_applies(prompts):
+    """True when every prompt is one of the embedded task's (so the gold judge can grade)."""
+    import task
+    return all(task.is_task_prompt(p) for p in prompts)
+
+
 def score_samples(model, tok, meta, d, max_len=256):
     """Rewards of a meta-data set [(prompt, [k responses], where)] -> [m, k] tensor."""
     enc = data.Encoder(tok, max_len, truncate=True)
@@ -247,7 +254,7 @@ def train(args):
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
-    state = run.load_checkpoint(model, opt)
+    state = run.load_checkpoint({"model": (model, opt)})
     start = state["step"] if state else 0
     d.print(f"reward model: {len(examples)} pairs, {total} steps of {args.global_batch} pairs")
 
@@ -286,7 +293,7 @@ def train(args):
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 and step + 1 < total:
-            run.save_checkpoint(step + 1, model, opt)
+            run.save_checkpoint(step + 1, {"model": (model, opt)})
 
     # 4. final measurements, reward statistics for PPO, save, DONE last
     model.eval()
@@ -310,7 +317,8 @@ def main():
     model = runtime.wrap(load_reward_model(args.measure, tok), d, trainable=False).eval()
     pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else None
     meta = data.load_meta(args.samples) if args.samples else None
-    out = measure(model, tok, d, pairs, meta, bool(meta) and embedded(args.samples), args.max_len, args.truncate)
+    gold = bool(meta) and gold_applies([p for p, _, _ in meta])
+    out = measure(model, tok, d, pairs, meta, gold, args.max_len, args.truncate)
     if pairs and embedded(args.eval_data):
         out["eval/label_ceiling"] = label_ceiling(pairs)
     d.print(json.dumps(out, indent=2))

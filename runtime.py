@@ -63,9 +63,9 @@ def _bool(s):
 def parse_args(cls, doc, argv=None):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = _bool if f.type is bool else f.type
-        ap.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
-                        help=f"{f.metadata['help']} (default: {f.default!r})")
+        extra = dict(type=_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
+        ap.add_argument(f"--{f.name}", default=f.default, choices=f.metadata["choices"],
+                        help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -345,16 +345,19 @@ class Run:
             with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save_checkpoint(self, step, model, optimizer, state=None):
-        """DCP checkpoint of model + optimizer (reshardable to another world size), atomically."""
+    def save_checkpoint(self, step, parts, state=None):
+        """DCP checkpoint of {name: (model, optimizer)} (reshardable to another world size) plus
+        a small JSON state, written to checkpoint.tmp and renamed into place."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        msd, osd = get_state_dict(model, optimizer)
+        sd = {}
+        for name, (model, opt) in parts.items():
+            sd[f"{name}/model"], sd[f"{name}/optim"] = get_state_dict(model, opt)
         tmp = self.ckpt + ".tmp"
         if self.d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        dcp.save(sd, checkpoint_id=tmp, no_dist=not dist.is_initialized())
         if self.d.main:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump({"step": step, "rng": torch.get_rng_state().tolist(), **(state or {})}, f)
@@ -363,24 +366,29 @@ class Run:
                 os.replace(self.ckpt, self.ckpt + ".old")
             os.replace(tmp, self.ckpt)
             shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
+            print(f"\ncheckpoint: step {step} saved in {self.ckpt}", file=sys.stderr, flush=True)
         barrier()
 
-    def load_checkpoint(self, model, optimizer):
-        """Restore the last checkpoint into model/optimizer; returns its state dict or None."""
+    def load_checkpoint(self, parts):
+        """Restore the last checkpoint into {name: (model, optimizer)}; its state dict, or None."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         path = next((self.ckpt + s for s in ("", ".old")
                      if os.path.exists(os.path.join(self.ckpt + s, "state.json"))), None)
         if path is None:
             return None
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=path, no_dist=not dist.is_initialized())
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        sd = {}
+        for name, (model, opt) in parts.items():
+            sd[f"{name}/model"], sd[f"{name}/optim"] = get_state_dict(model, opt)
+        dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+        for name, (model, opt) in parts.items():
+            set_state_dict(model, opt, model_state_dict=sd[f"{name}/model"], optim_state_dict=sd[f"{name}/optim"])
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         if self.d.main:  # forget metrics logged after the checkpoint: they will be logged again
             self._truncate_metrics(state["step"])
+        barrier()
         self.d.print(f"resuming {self.path} from step {state['step']}")
         return state
 

@@ -85,7 +85,7 @@ def main():
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
-    state = run.load_checkpoint(model, opt)
+    state = run.load_checkpoint({"model": (model, opt)})
     start = state["step"] if state else 0
     d.print(f"sft: {len(examples)} rows, {total} steps of {args.global_batch} rows, "
             f"{sum(p.numel() for p in model.parameters()) * d.world / 1e6:.2f}M parameters")
@@ -111,7 +111,7 @@ def main():
         run.log(step + 1, {"train/loss": runtime.all_sum(loss_sum) / n_tokens, "train/lr": lr,
                            "train/grad_norm": grad_norm, "train/tokens": int(n_tokens)})
         if (step + 1) % args.save_every == 0 and step + 1 < total:
-            run.save_checkpoint(step + 1, model, opt)
+            run.save_checkpoint(step + 1, {"model": (model, opt)})
 
     # 4. save the model where the next stage expects it, DONE last
     runtime.save_model(model, tok, args.output_dir, d)

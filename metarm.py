@@ -1,0 +1,380 @@
+"""metarm.py: MetaRM, the paper's Algorithm 1. The reward model is trained on the *original*
+preference pairs, but every step first adapts it, by one plain gradient-ascent step, to tell
+apart the responses of the *current* policy (no labels needed), and takes its loss there.
+
+Algorithm 1, step t (the names below are the paper's):
+  2. X_t: n preference pairs (x, y_w, y_l) from D        3. X_s: m prompts x k responses from S
+  4. J_theta(X_s) = 2/k^2 sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|)       difference loss (Eq. 2)
+  5. theta' = theta + eta * grad J_theta(X_s)           meta-process: ascent, a plain step (Eq. 3)
+  6. L_theta'(X_t) = -mean log sigmoid(r_theta'(x, y_w) - r_theta'(x, y_l))  at theta' (Eq. 1, 4)
+  7. theta <- theta - alpha * grad                      MetaRM-optimization, by the optimizer (Eq. 5)
+
+Which gradient in line 7 (--meta_grad):
+  exact        d/dtheta L(theta + eta grad J(theta)) = (I + eta hess J) grad L(theta')   MAML-style
+  first_order  grad L(theta') applied to theta: back up theta, ascend in place, back-propagate,
+               restore theta. What the authors ran; the only form practical at 7B under sharding.
+  taylor       grad of the surrogate L(theta) + eta <grad L(theta), grad J(theta)>   (Eq. 7-8)
+exact - taylor = O(eta^2), first_order - taylor = O(eta): `python metarm.py --check` shows it.
+
+    python metarm.py                                     # embedded task: round 1 meta data
+    python metarm.py --check                             # the gradient-check table
+    torchrun --nproc_per_node 2 metarm.py                # DDP (gloo on CPU); exact works too
+    torchrun --nproc_per_node 8 metarm.py --strategy fsdp --meta_grad first_order \\
+        --sft_dir runs/7b/sft --data Anthropic/hh-rlhf --eval_data Anthropic/hh-rlhf:test \\
+        --meta_data runs/7b/round1/meta.jsonl --lr 5e-6 --eta 5e-6 --global_batch 16 \\
+        --meta_batch 16 --max_len 512 --truncate true --skip_bad_rows true \\
+        --gradient_checkpointing true --output_dir runs/7b/round1/rm   # the paper's settings (7B)
+"""
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+import reward_model as rm
+import runtime
+from runtime import arg
+
+
+@dataclasses.dataclass
+class Args:
+    sft_dir: str = arg("runs/default/sft", "every round's RM starts from these SFT weights (new head)")
+    init_rm: str = arg("", "start from this reward model instead of the SFT weights")
+    data: str = arg("runs/default/task/data/pairs_train.jsonl", "the original preference pairs D")
+    eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
+    meta_data: str = arg("runs/default/round1/meta.jsonl", "meta data S: k policy samples per prompt (ppo.py --sample_only)")
+    output_dir: str = arg("runs/default/round1/rm", "run folder (a save_pretrained reward model when done)")
+    meta_grad: str = arg("first_order", "which gradient of L(theta') updates theta", ["exact", "first_order", "taylor"])
+    eta: float = arg(0.5, "eta, the meta-process ascent step (paper: 5e-6 at 7B; tiny default tuned)")
+    lr: float = arg(1e-3, "alpha, the learning rate of the outer AdamW update (paper: 5e-6 at 7B)")
+    epochs: float = arg(1.0, "passes over the original pairs (paper: 1)")
+    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    global_batch: int = arg(32, "n: preference pairs per step, over all processes (paper: 16)")
+    meta_batch: int = arg(16, "m: prompts of the meta data per step, each with its k responses (paper: 16)")
+    max_len: int = arg(128, "maximum prompt + response tokens")
+    truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
+    skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
+    max_steps: int = arg(0, "stop after this many steps (0: all epochs)")
+    eval_every: int = arg(25, "held-out accuracy and J on the meta data every this many steps")
+    seed: int = arg(1, "seed for the score head and the data order")
+    save_every: int = arg(50, "checkpoint every this many steps")
+    strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
+    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
+    check: bool = arg(False, "print the gradient-check table instead of training")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two losses. A batch is (input_ids, attention_mask); X_t holds n chosen rows then n rejected
+# rows, X_s holds m*k rows, the k responses of each prompt together.
+# ---------------------------------------------------------------------------------------------
+def difference_loss(r):
+    """Eq. 2 for r of shape [m, k]: J = 2/k^2 sum_{i<j} sigmoid(|r_i - r_j|), mean over prompts."""
+    k = r.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    return (2 / k**2 * torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1)).mean()
+
+
+def reward(model, batch, params=None):
+    """r at the last real token; with `params`, r_{params} through torch.func.functional_call."""
+    ids, mask = batch
+    scores = model(ids, mask) if params is None else torch.func.functional_call(model, params, (ids, mask))
+    return scores.gather(1, rm.last_index(mask)[:, None]).squeeze(1)
+
+
+def L(model, X_t, params=None):
+    """Eq. 1 on a batch of pairs."""
+    r = reward(model, X_t, params)
+    n = len(r) // 2
+    return rm.pair_loss(r[:n], r[n:]).mean()
+
+
+def J(model, X_s, k, params=None):
+    """Eq. 2 on a meta batch of m prompts x k responses."""
+    return difference_loss(reward(model, X_s, params).view(-1, k))
+
+
+def all_mean(tensors):
+    """Average over processes, differentiably (the backward all-reduces the incoming gradient)."""
+    if not dist.is_initialized():
+        return list(tensors)
+    from torch.distributed.nn.functional import all_reduce
+    return [all_reduce(t) / dist.get_world_size() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# The meta-step: the gradient of Algorithm 1, line 7, in its three forms
+# ---------------------------------------------------------------------------------------------
+def meta_gradient(model, X_t, X_s, k, eta, mode):
+    """The MetaRM gradient for the model's trainable parameters theta. The parameters are left
+    exactly as they were.
+      model: a reward model mapping (input_ids, attention_mask) to per-token scores, or its DDP
+             or FSDP2 wrapper; X_t: a batch of pairs; X_s: a meta batch of m*k rows; k: responses
+             per prompt; eta: the ascent step; mode: "exact", "first_order" or "taylor".
+    Returns (grad, info): grad, one tensor per trainable parameter in model.parameters() order;
+    info: J = J(theta), L = the vanilla loss it evaluated (at theta' for exact and first_order,
+    at theta for taylor), grad_J = grad J(theta) and grad_L = grad L at that same point.
+    Under DDP each process passes its share of both batches and gets the gradient of the global
+    batches: grad J is averaged over processes before theta' is formed."""
+    if mode == "first_order":
+        return first_order(model, X_t, X_s, k, eta)
+    net = runtime.unwrap(model)  # exact and taylor do their own averaging over processes
+    names, theta = zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad])
+    with sdpa_kernel(SDPBackend.MATH):  # fused CPU/flash attention kernels have no double backward
+        J_theta = J(net, X_s, k)
+        grad_J = all_mean(torch.autograd.grad(J_theta, theta, create_graph=True))     # kept in graph
+        if mode == "exact":
+            theta_prime = [p + eta * g for p, g in zip(theta, grad_J)]                     # Eq. 3
+            L_value = L(net, X_t, dict(zip(names, theta_prime)))                          # Eq. 4
+            both = torch.autograd.grad(L_value, [*theta, *theta_prime])
+            grad = both[:len(theta)]                                 # (I + eta hess J) grad L(theta')
+            grad_L = all_mean(both[len(theta):])                     # grad L(theta'), for the log
+        elif mode == "taylor":
+            L_value = L(net, X_t)
+            grad_L = all_mean(torch.autograd.grad(L_value, theta, create_graph=True))
+            surrogate = L_value + eta * sum((gl * gj).sum() for gl, gj in zip(grad_L, grad_J))  # Eq. 7
+            grad = torch.autograd.grad(surrogate, theta)                                  # Eq. 8
+        else:
+            raise ValueError(f"unknown meta_grad {mode!r}")
+    detach = lambda ts: [t.detach() for t in ts]
+    return detach(all_mean(grad)), dict(J=J_theta.detach(), L=L_value.detach(),
+                                        grad_J=detach(grad_J), grad_L=detach(grad_L))
+
+
+def first_order(model, X_t, X_s, k, eta):
+    """The authors' procedure, on the parameters in place: back up theta, ascend to theta',
+    back-propagate L at theta', restore theta. Works on sharded (FSDP2) parameters, each process
+    perturbing and restoring its own shard, and with gradient checkpointing (the recomputation in
+    backward sees theta', which is what the parameters hold)."""
+    theta = [p for p in model.parameters() if p.requires_grad]
+    backup = [p.detach().clone() for p in theta]
+    J_theta = J(model, X_s, k)
+    J_theta.backward()                         # grad J(theta), averaged over processes by DDP/FSDP
+    grad_J = [p.grad for p in theta]
+    with torch.no_grad():
+        for p, g in zip(theta, grad_J):
+            p.add_(g, alpha=eta)               # theta' = theta + eta grad J(theta)        (Eq. 3)
+            p.grad = None
+    L_value = L(model, X_t)
+    L_value.backward()                         # grad L(theta')                            (Eq. 4)
+    grad = [p.grad for p in theta]
+    with torch.no_grad():
+        for p, b in zip(theta, backup):
+            p.copy_(b)                         # theta again, bit for bit
+            p.grad = None
+    return grad, dict(J=J_theta.detach(), L=L_value.detach(), grad_J=grad_J, grad_L=grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient check (--check): how the three forms relate as eta shrinks
+# ---------------------------------------------------------------------------------------------
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def finite_difference(net, X_t, X_s, k, eta, direction, eps):
+    """Central difference of F(theta) = L(theta + eta grad J(theta)) along `direction`."""
+    names, theta = zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad])
+    def F(sign):
+        moved = [p + sign * eps * v for p, v in zip(theta, direction)]
+        with sdpa_kernel(SDPBackend.MATH):
+            g = torch.autograd.grad(J(net, X_s, k, dict(zip(names, moved))), moved)
+        with torch.no_grad():
+            return L(net, X_t, dict(zip(names, [m + eta * gi for m, gi in zip(moved, g)])))
+    return (F(1) - F(-1)) / (2 * eps)
+
+
+def check_table(net, X_t, X_s, k, etas):
+    """Rows (eta, |exact - taylor|, |first_order - taylor|) and the fitted log-log slopes."""
+    rows = []
+    for eta in etas:
+        g = {m: flat(meta_gradient(net, X_t, X_s, k, eta, m)[0]) for m in ("exact", "first_order", "taylor")}
+        rows.append((eta, float((g["exact"] - g["taylor"]).norm()), float((g["first_order"] - g["taylor"]).norm())))
+    return rows, slope([r[0] for r in rows], [r[1] for r in rows]), slope([r[0] for r in rows], [r[2] for r in rows])
+
+
+def slope(x, y):
+    """Least-squares slope of log y against log x."""
+    lx, ly = [math.log(v) for v in x], [math.log(v) for v in y]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def check(args):
+    """The gradient-check table on a small float64 reward model and real task batches."""
+    torch.manual_seed(args.seed)
+    d = runtime.Dist()
+    tok = runtime.load_tokenizer(args.sft_dir)
+    net = rm.load_reward_model(args.init_rm or args.sft_dir, tok).double()
+    X_t, X_s, k = batches(tok, data.load_pairs(args.data)[:4], data.load_meta(args.meta_data)[:2], args, d)
+    # eta small enough for the leading term to dominate (the training default is far larger)
+    rows, s_exact, s_first = check_table(net, X_t, X_s, k, [0.04 / 2**i for i in range(6)])
+    print(f"gradient check: float64, {sum(p.numel() for p in net.parameters())} parameters, "
+          f"4 pairs, 2 prompts x {k} responses")
+    print(f"{'eta':>10} {'|exact - taylor|':>18} {'|first_order - taylor|':>24}")
+    for eta, a, b in rows:
+        print(f"{eta:10.4g} {a:18.3e} {b:24.3e}")
+    print(f"{'slope':>10} {s_exact:18.2f} {s_first:24.2f}   (expected: 2 and 1)")
+    v = [torch.randn_like(p) for p in net.parameters()]
+    exact = flat(meta_gradient(net, X_t, X_s, k, 0.04, "exact")[0])
+    fd = float(finite_difference(net, X_t, X_s, k, 0.04, v, 1e-5))
+    an = float(exact @ flat(v))
+    print(f"exact . v = {an:.10g}; central finite difference of L(theta + eta grad J(theta)) "
+          f"along v = {fd:.10g}; relative error {abs(an - fd) / abs(fd):.1e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: one epoch over the original pairs, meta batches drawn in turn from S
+# ---------------------------------------------------------------------------------------------
+def batches(tok, pairs, meta, args, d):
+    """Encode pairs and meta rows into X_t, X_s (right padded) on the device."""
+    examples, _ = rm.encode_pairs(tok, pairs, args.max_len, args.truncate)
+    X_t = rm.pair_batch(examples, tok.pad_token_id, d.device)
+    X_s, k = meta_batch(tok, meta, args.max_len, d.device)
+    return X_t, X_s, k
+
+
+def meta_batch(tok, meta, max_len, device):
+    enc = data.Encoder(tok, max_len, truncate=True)  # policy samples: long ones are cut, not fatal
+    seqs = [sum(enc(p, s), []) for p, rs, _ in meta for s in rs]
+    ids, mask = data.pad(seqs, tok.pad_token_id)
+    return (ids.to(device), mask.to(device)), len(meta[0][1])
+
+
+@torch.no_grad()
+def mean_J(model, tok, meta, d, max_len):
+    """J averaged over the whole meta data set (the measurement MetaRM is meant to raise)."""
+    r = rm.score_samples(model, tok, meta, d, max_len)
+    return float(difference_loss(r))
+
+
+def train(args):
+    d = runtime.init_distributed(args.strategy, args.precision)
+    if args.meta_grad != "first_order" and d.world > 1 and d.strategy == "fsdp":
+        raise runtime.UserError(
+            f"--meta_grad {args.meta_grad} needs the whole parameter tensors in one autograd graph "
+            "through a second backward; FSDP2 shards them and frees the gathered copies after "
+            "backward, so the second-order term cannot be formed. Use --meta_grad first_order "
+            "(what the authors ran at 7B) or --strategy ddp on a model that fits one device")
+    if args.meta_grad != "first_order" and args.gradient_checkpointing:
+        raise runtime.UserError(
+            f"--meta_grad {args.meta_grad} with gradient checkpointing gives silently wrong "
+            "gradients (the recomputation in backward runs outside functional_call and sees theta, "
+            "not theta'); use --meta_grad first_order, which is exact under checkpointing")
+    if runtime.is_done(args.output_dir):
+        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
+        return
+    runtime.set_seed(args.seed)
+    run = runtime.Run(args.output_dir, args, d)
+
+    # 1. data: the original pairs D and the meta data S
+    tok = runtime.load_tokenizer(args.sft_dir)
+    pairs = data.load_pairs(args.data, args.skip_bad_rows)
+    examples, enc = rm.encode_pairs(tok, pairs, args.max_len, args.truncate)
+    enc.report(args.data)
+    eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
+    eval_examples = rm.encode_pairs(tok, eval_pairs, args.max_len, args.truncate)[0] if eval_pairs else []
+    meta = data.load_meta(args.meta_data, args.skip_bad_rows)
+    if args.meta_batch % d.world:
+        raise runtime.UserError(f"--meta_batch {args.meta_batch} must be divisible by the number "
+                                f"of processes {d.world}")
+
+    # 2. the reward model: SFT weights and a new head (the paper: each round starts from SFT)
+    model = runtime.wrap(rm.load_reward_model(args.init_rm or args.sft_dir, tok), d,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    theta = [p for p in model.parameters() if p.requires_grad]
+    total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = int(args.warmup * len(examples) / args.global_batch)
+    state = run.load_checkpoint({"model": (model, opt)})
+    start = state["step"] if state else 0
+    d.print(f"metarm ({args.meta_grad}, eta={args.eta}): {len(examples)} pairs, {len(meta)} meta "
+            f"prompts x {len(meta[0][1])} responses, {total} steps")
+
+    def evaluate(step):
+        model.eval()
+        out = {"eval/J": mean_J(model, tok, meta, d, args.max_len)}
+        if eval_examples:
+            out["eval/accuracy"], out["eval/margin"] = rm.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
+        model.train()
+        run.log(step, out)
+        return out
+    if start == 0:
+        evaluate(0)
+
+    model.train()
+    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="metarm"):
+        # 2.-3. sample X_t from D and X_s from S (this process's share of each)
+        mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
+        X_t = rm.pair_batch(mine, tok.pad_token_id, d.device)
+        rows = [meta[i] for i in runtime.batch_indices(len(meta), args.meta_batch, step, args.seed + 1, d)]
+        X_s, k = meta_batch(tok, rows, args.max_len, d.device)
+
+        # 4.-6. the meta-step; 7. the outer update with the optimizer (learning rate alpha)
+        with runtime.autocast(d):
+            grad, info = meta_gradient(model, X_t, X_s, k, args.eta, args.meta_grad)
+            J_prime = J_after_ascent(model, X_s, k, args.eta, info["grad_J"])
+        for p, g in zip(theta, grad):
+            p.grad = g
+        grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
+        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        gL, gJ = info["grad_L"], info["grad_J"]
+        run.log(step + 1, {"train/L": mean_over_processes(info["L"]), "meta/J": mean_over_processes(info["J"]),
+                           "meta/J_after_ascent": mean_over_processes(J_prime),
+                           "meta/cos_gradL_gradJ": dot(gL, gJ) / max(math.sqrt(dot(gL, gL) * dot(gJ, gJ)), 1e-30),
+                           "meta/gradL_norm": math.sqrt(dot(gL, gL)), "meta/gradJ_norm": math.sqrt(dot(gJ, gJ)),
+                           "train/grad_norm": grad_norm, "train/lr": lr})
+        if (step + 1) % args.eval_every == 0 and step + 1 < total:
+            evaluate(step + 1)
+        if (step + 1) % args.save_every == 0 and step + 1 < total:
+            run.save_checkpoint(step + 1, {"model": (model, opt)})
+
+    # final measurements on the meta data (the shifted samples), reward statistics, save, DONE
+    model.eval()
+    final = evaluate(total)
+    summary = {"stage": "metarm", "meta_grad": args.meta_grad, "steps": total, **final,
+               **rm.measure(model, tok, d, meta=meta, gold=rm.gold_applies([p for p, _, _ in meta]), max_len=args.max_len)}
+    stats = rm.reward_stats(model, examples, tok.pad_token_id, d)
+    runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
+    run.finish({**summary, "reward_stats": stats})
+
+
+@torch.no_grad()
+def J_after_ascent(model, X_s, k, eta, grad_J):
+    """J(theta') for the log: ascend in place, one forward pass, restore theta."""
+    theta = [p for p in model.parameters() if p.requires_grad]
+    backup = [p.detach().clone() for p in theta]
+    for p, g in zip(theta, grad_J):
+        p.add_(g, alpha=eta)
+    value = J(model, X_s, k)
+    for p, b in zip(theta, backup):
+        p.copy_(b)
+    return value
+
+
+def dot(a, b):
+    """sum_i <a_i, b_i> over two lists of (full or FSDP2-sharded) tensors."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    total = sum(float((local(x).double() * local(y).double()).sum()) for x, y in zip(a, b))
+    return runtime.all_sum(total) if any(hasattr(t, "to_local") for t in a) else total
+
+
+def mean_over_processes(x):
+    return runtime.all_sum(float(x)) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def main():
+    args = runtime.parse_args(Args, __doc__)
+    check(args) if args.check else train(args)
+
+
+if __name__ == "__main__":
+    runtime.guard(main)

@@ -1,0 +1,409 @@
+"""ppo.py: RLHF with PPO (Ouyang et al. 2022; Schulman et al. 2017), the stage where the policy's
+output distribution shifts away from what the reward model was trained on. Also the sampling
+step of MetaRM: `--sample_only` writes k policy samples per prompt, the meta data S.
+
+Four models: the policy pi (trained) and the frozen reference pi_ref, both loaded from
+--policy_dir (SFT, or the previous round's policy); the frozen reward model r (--rm_dir); the
+critic V, initialised from the reward model and read at every response token. One PPO step:
+  1. roll out: sample responses to a batch of queries (left-padded; PAD is not EOS)
+  2. score: log-probabilities under pi and pi_ref (logits / temperature, as when sampling),
+     values V, and the RM score at the last real token
+  3. rewards per token: -beta (log pi - log pi_ref) on every response token, plus at the last
+     one the RM score, normalised by the RM's training statistics, minus a penalty for a
+     response that never ends, clipped to [-reward_clip, reward_clip]
+  4. advantages by GAE (gamma, lambda), whitened; returns = advantages + values
+  5. several PPO epochs over mini-batches: clipped policy loss, clipped value loss
+  6. adapt beta (optional adaptive KL controller)
+
+    python ppo.py                                          # embedded task, vanilla RM
+    python ppo.py --sample_only --policy_dir runs/default/sft \\
+        --prompts runs/default/task/data/prompts_train.jsonl --k 5 --out runs/default/round1/meta.jsonl
+    torchrun --nproc_per_node 2 ppo.py                     # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 ppo.py --strategy fsdp --policy_dir runs/7b/sft \\
+        --rm_dir runs/7b/rm --prompts Anthropic/hh-rlhf --policy_lr 5e-7 --critic_lr 1.5e-6 \\
+        --queries 32 --rollouts_per_query 16 --temperature 0.8 --top_p 0.9 \\
+        --repetition_penalty 1.1 --kl_coef 0.05 --reward_clip 0.8 --max_new_tokens 256 \\
+        --max_prompt_len 512 --truncate true --skip_bad_rows true \\
+        --gradient_checkpointing true --output_dir runs/7b/ppo   # the paper's settings (7B)
+"""
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import reward_model as rm
+import runtime
+from runtime import arg
+
+
+@dataclasses.dataclass
+class Args:
+    policy_dir: str = arg("runs/default/sft", "policy and frozen reference: SFT or the previous round's policy")
+    rm_dir: str = arg("runs/default/rm", "the frozen reward model (the critic starts from it too)")
+    prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "queries: {prompt} rows or HH-RLHF rows")
+    output_dir: str = arg("runs/default/ppo", "run folder (a save_pretrained policy when done)")
+    steps: int = arg(30, "PPO steps (one roll-out batch each)")
+    snapshot_every: int = arg(0, "also save the policy every this many steps in <output_dir>/step<N> (0: off)")
+    queries: int = arg(32, "queries per step, over all processes")
+    rollouts_per_query: int = arg(2, "responses sampled per query (paper: 16 at 7B); >= 2 gives the same-prompt |dr|")
+    ppo_epochs: int = arg(2, "passes over each roll-out batch")
+    mini_batches: int = arg(2, "mini-batches per PPO epoch")
+    policy_lr: float = arg(3e-4, "policy learning rate (paper: 5e-7 at 7B)")
+    critic_lr: float = arg(1e-3, "critic learning rate (paper: 1.5e-6 at 7B)")
+    kl_coef: float = arg(0.05, "beta, the per-token KL penalty coefficient (paper: 0.05)")
+    kl_target: float = arg(0.0, "adaptive KL controller target per response (0: fixed beta)")
+    kl_horizon: int = arg(10000, "adaptive KL controller horizon, in roll-outs")
+    gamma: float = arg(1.0, "GAE discount")
+    lam: float = arg(0.95, "GAE lambda")
+    cliprange: float = arg(0.2, "PPO policy ratio clip")
+    cliprange_value: float = arg(0.2, "PPO value clip")
+    vf_coef: float = arg(0.5, "weight of the value loss (the critic has its own optimizer)")
+    reward_clip: float = arg(5.0, "clip the normalised score to [-c, c] (the paper's 'clip value of 0.8'; 0: off)")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the normalised score of a response that never ends")
+    whiten_advantages: bool = arg(True, "normalise advantages to zero mean, unit variance")
+    temperature: float = arg(1.0, "sampling temperature; the training forward divides logits by it too (paper: 0.8)")
+    top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)")
+    repetition_penalty: float = arg(1.0, "repetition penalty when sampling (paper: 1.1)")
+    max_new_tokens: int = arg(40, "maximum response tokens")
+    max_prompt_len: int = arg(64, "maximum query tokens")
+    truncate: bool = arg(False, "cut queries longer than max_prompt_len from the left (counted)")
+    skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    seed: int = arg(1, "seed for query order and sampling")
+    save_every: int = arg(10, "checkpoint every this many steps")
+    strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
+    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    sample_only: bool = arg(False, "only sample --k responses per prompt of --prompts into --out (meta data)")
+    k: int = arg(5, "with --sample_only: responses per prompt (paper: 5)")
+    out: str = arg("runs/default/round1/meta.jsonl", "with --sample_only: the meta-data file to write")
+    max_prompts: int = arg(0, "with --sample_only: use only the first N prompts (0: all)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the algorithm, each testable on its own
+# ---------------------------------------------------------------------------------------------
+def response_mask(response, eos_id):
+    """1 on response tokens up to and including the first EOS, 0 after it (padding)."""
+    is_eos = (response == eos_id).long()
+    after = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after).long()
+
+
+def logprobs_and_entropy(policy, query, qmask, response, rmask, temperature):
+    """log pi(response token) for each response position, with logits / temperature as when
+    sampling, and the entropy of that distribution."""
+    ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=rm.positions(mask)).logits
+    logits = logits[:, query.shape[1] - 1:-1].float() / temperature
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(2, response[:, :, None]).squeeze(2)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def values_of(critic, query, qmask, response, rmask):
+    """V(s_t) for each response token t: the critic read where the policy predicts token t."""
+    ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+    return critic(ids, mask)[:, query.shape[1] - 1:-1]
+
+
+def last_token(rmask):
+    """Index of the last real response token (its EOS, or the last token if it never ends)."""
+    return (rmask.sum(1) - 1).clamp(min=0)
+
+
+def shape_score(score, ended, stats, reward_clip, missing_eos_penalty):
+    """RM score -> the reward added at the last token: normalised with the RM's training
+    statistics, a penalty when the response never ends, then clipped."""
+    s = (score - stats["mean"]) / stats["std"] - missing_eos_penalty * (~ended).float()
+    return s.clamp(-reward_clip, reward_clip) if reward_clip > 0 else s
+
+
+def token_rewards(score, logp, ref_logp, rmask, kl_coef):
+    """Per-token rewards: -beta (log pi - log pi_ref) on response tokens, plus the score at the
+    last one; zero after EOS. Returns (rewards, kl) with kl = log pi - log pi_ref (masked)."""
+    kl = (logp - ref_logp) * rmask
+    rewards = -kl_coef * kl
+    rewards[torch.arange(len(score)), last_token(rmask)] += score
+    return rewards * rmask, kl
+
+
+def gae(rewards, values, rmask, gamma, lam):
+    """Generalised advantage estimation over response tokens; positions after EOS are terminal
+    (value 0, reward 0). Returns (advantages, returns)."""
+    values = values * rmask
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * rmask[:, t + 1] if t + 1 < T else delta
+        adv[:, t] = last
+    adv = adv * rmask
+    return adv, adv + values
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the masked entries of every process (so the world size is moot)."""
+    n = runtime.all_sum(float(mask.sum()))
+    mean = runtime.all_sum(float((x * mask).sum())) / n
+    var = runtime.all_sum(float((((x - mean) * mask) ** 2).sum())) / n
+    return (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8)) * mask
+
+
+def policy_loss(logp, old_logp, adv, rmask, cliprange):
+    """Clipped surrogate, summed over masked tokens: max(-A r, -A clip(r, 1-c, 1+c)).
+    Returns (loss sum, clipped-token count, approx-KL sum)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    clipped = ((ratio - 1).abs() > cliprange).float()
+    approx_kl = 0.5 * (logp - old_logp) ** 2
+    return (loss * rmask).sum(), (clipped * rmask).sum(), (approx_kl * rmask).sum()
+
+
+def value_loss(v, old_v, returns, rmask, cliprange_value):
+    """Clipped value loss, summed over masked tokens: 0.5 max((v - R)^2, (clip(v) - R)^2)."""
+    v_clipped = old_v + (v - old_v).clamp(-cliprange_value, cliprange_value)
+    loss = 0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2)
+    clipped = ((v - old_v).abs() > cliprange_value).float()
+    return (loss * rmask).sum(), (clipped * rmask).sum()
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): move beta so that the KL per response tracks a target."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        if self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + error * n / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------
+# Roll-outs and the PPO update
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d):
+    """Steps 1-4 for this process's queries: a dict of tensors plus the decoded responses."""
+    sampling = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    policy.eval()
+    query, response = runtime.generate(policy, tok, [p for p, _ in prompts], sampling, d)
+    qmask = (query != tok.pad_token_id).long()
+    rmask = response_mask(response, tok.eos_token_id)
+    ended = (response == tok.eos_token_id).any(1)
+    with runtime.autocast(d):
+        logp, _ = logprobs_and_entropy(policy, query, qmask, response, rmask, args.temperature)
+        ref_logp, _ = logprobs_and_entropy(ref, query, qmask, response, rmask, args.temperature)
+        values = values_of(critic, query, qmask, response, rmask).float()
+        ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+        score = rm.rewards(reward, ids, mask).float()
+    shaped = shape_score(score, ended, stats, args.reward_clip, args.missing_eos_penalty)
+    rewards, kl = token_rewards(shaped, logp, ref_logp, rmask, kl_coef)
+    adv, returns = gae(rewards, values, rmask, args.gamma, args.lam)
+    if args.whiten_advantages:
+        adv = masked_whiten(adv, rmask.float())
+    policy.train()
+    return dict(query=query, qmask=qmask, response=response, rmask=rmask, logp=logp, values=values,
+                adv=adv, returns=returns, score=score, shaped=shaped, kl=kl, ended=ended.float())
+
+
+def ppo_update(policy, critic, popt, copt, batch, args, d):
+    """Step 5: ppo_epochs passes of mini-batches over this process's roll-outs. Every loss is a
+    sum over tokens divided by the mini-batch's token count over all processes, so the update
+    is the same whatever the world size."""
+    n = len(batch["query"])
+    sums = dict.fromkeys(["pg", "vf", "clip", "vclip", "kl", "ent", "tokens"], 0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(n, generator=gen)
+        for idx in order.chunk(args.mini_batches):
+            b = {k: v[idx] for k, v in batch.items()}
+            tokens = runtime.all_sum(float(b["rmask"].sum()))
+            with runtime.autocast(d):
+                logp, entropy = logprobs_and_entropy(policy, b["query"], b["qmask"], b["response"], b["rmask"], args.temperature)
+                pg, clip, akl = policy_loss(logp, b["logp"], b["adv"], b["rmask"], args.cliprange)
+                v = values_of(critic, b["query"], b["qmask"], b["response"], b["rmask"])
+                vf, vclip = value_loss(v, b["values"], b["returns"], b["rmask"], args.cliprange_value)
+                ((pg + args.vf_coef * vf) * d.world / tokens).backward()
+            runtime.clip_grad_norm(policy, args.max_grad_norm)
+            runtime.clip_grad_norm(critic, args.max_grad_norm)
+            popt.step()
+            copt.step()
+            popt.zero_grad(set_to_none=True)
+            copt.zero_grad(set_to_none=True)
+            for key, val in (("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("kl", akl),
+                             ("ent", (entropy.detach() * b["rmask"]).sum())):
+                sums[key] += runtime.all_sum(float(val))
+            sums["tokens"] += tokens
+    t = sums["tokens"]
+    return {"ppo/policy/loss": sums["pg"] / t, "ppo/val/loss": sums["vf"] / t,
+            "ppo/policy/clipfrac": sums["clip"] / t, "ppo/val/clipfrac": sums["vclip"] / t,
+            "ppo/policy/approxkl": sums["kl"] / t, "ppo/policy/entropy": sums["ent"] / t}
+
+
+def explained_variance(values, returns, mask):
+    m = mask.bool()
+    return float(1 - (returns[m] - values[m]).var() / returns[m].var().clamp(min=1e-8))
+
+
+def same_prompt_stats(score, k):
+    """Reward differences between the k roll-outs of each query (the paper's Figure 1)."""
+    if k < 2:
+        return {}
+    s = rm.difference_stats(score.view(-1, k))
+    return {"shift/dr_var": s["var"], "shift/dr_mean_abs": s["mean_abs"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling the meta data (--sample_only)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_meta(policy, tok, prompts, k, sampling, d, batch=128):
+    """k responses for every prompt; each process samples a share, every process gets all."""
+    enc = data.Encoder(tok, 10**9)
+    mine = list(range(d.rank, len(prompts), d.world))
+    per = max(1, batch // k)
+    out = {}
+    for i in runtime.progress(range(0, len(mine), per), d, desc="sample"):
+        chunk = mine[i:i + per]
+        ids = [enc.prompt(prompts[j]) for j in chunk for _ in range(k)]
+        _, response = runtime.generate(policy, tok, ids, sampling, d)
+        texts = runtime.decode_responses(tok, response)
+        for n, j in enumerate(chunk):
+            out[j] = texts[n * k:(n + 1) * k]
+    if d.world > 1:
+        import torch.distributed as dist
+        parts = [None] * d.world
+        dist.all_gather_object(parts, out)
+        out = {j: v for part in parts for j, v in part.items()}
+    return [{"prompt": prompts[j], "responses": out[j]} for j in range(len(prompts))]
+
+
+def sample_only(args, d):
+    if os.path.exists(args.out):
+        d.print(f"{args.out} exists: skipping")
+        return
+    runtime.set_seed(args.seed + d.rank)
+    tok = runtime.load_tokenizer(args.policy_dir)
+    prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
+    if args.max_prompts:
+        prompts = prompts[:args.max_prompts]
+    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
+    sampling = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    t0 = time.time()
+    rows = sample_meta(policy, tok, prompts, args.k, sampling, d)
+    if d.main:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        data_rows = [json.dumps(r) + "\n" for r in rows]
+        with open(args.out + ".tmp", "w") as f:
+            f.writelines(data_rows)
+        os.replace(args.out + ".tmp", args.out)
+        print(json.dumps({"stage": "sample", "prompts": len(rows), "k": args.k, "out": args.out,
+                          "wall_time_s": round(time.time() - t0, 1)}), flush=True)
+    runtime.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def load_reward_stats(rm_dir, d):
+    """The reward mean and std that reward_model.py stored (none for an outside RM: 0 and 1)."""
+    path = os.path.join(rm_dir, "reward_stats.json")
+    if not os.path.exists(path):
+        d.print(f"{rm_dir} has no reward_stats.json: scores are used without normalisation")
+        return {"mean": 0.0, "std": 1.0}
+    with open(path) as f:
+        return json.load(f)
+
+
+def train(args, d):
+    if runtime.is_done(args.output_dir):
+        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
+        return
+    if args.queries % d.world:
+        raise runtime.UserError(f"--queries {args.queries} must be divisible by the number of processes {d.world}")
+    runtime.set_seed(args.seed)
+    run = runtime.Run(args.output_dir, args, d)
+    tok = runtime.load_tokenizer(args.policy_dir)
+    enc = data.Encoder(tok, args.max_prompt_len, args.truncate)
+    prompts = [(enc.prompt(p), p) for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
+    for ids, p in prompts:
+        if len(ids) > args.max_prompt_len and not args.truncate:
+            raise data.DataError(f"{args.prompts}: a prompt of {len(ids)} tokens is longer than "
+                                 f"--max_prompt_len {args.max_prompt_len}: {p[:60]!r}; raise it or pass --truncate true")
+    prompts = [(ids[-args.max_prompt_len:], p) for ids, p in prompts]
+    gold = rm.embedded(args.prompts)
+    stats = load_reward_stats(args.rm_dir, d)
+
+    # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
+    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
+    ref = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
+    reward = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
+    critic = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
+    for frozen in (ref, reward):
+        frozen.requires_grad_(False)
+    popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)
+    copt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
+    state = run.load_checkpoint({"policy": (policy, popt), "critic": (critic, copt)})
+    start = state["step"] if state else 0
+    if state:
+        kl_ctl.beta = state["kl_coef"]
+    torch.manual_seed(args.seed + 1000 * d.rank + start)  # each process samples its own roll-outs
+    d.print(f"ppo: {len(prompts)} prompts, {args.steps} steps of {args.queries} queries x "
+            f"{args.rollouts_per_query} roll-outs")
+
+    for step in runtime.progress(range(start, args.steps), d, initial=start, total=args.steps, desc="ppo"):
+        t0 = time.time()
+        rows = runtime.batch_indices(len(prompts), args.queries, step, args.seed, d)
+        mine = [prompts[i] for i in rows for _ in range(args.rollouts_per_query)]
+        batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d)
+        t_roll = time.time() - t0
+        metrics = ppo_update(policy, critic, popt, copt, batch, args, d)
+
+        # metrics of the roll-outs (the objective the policy maximises, and the drift)
+        kl_sum = batch["kl"].sum(1)
+        n = runtime.all_sum(len(kl_sum))
+        mean = lambda x: runtime.all_sum(float(x.sum())) / n
+        metrics.update({
+            "objective/scores": mean(batch["score"]), "objective/shaped_score": mean(batch["shaped"]),
+            "objective/kl": mean(kl_sum), "objective/rlhf_reward": mean(batch["shaped"] - kl_ctl.beta * kl_sum),
+            "objective/kl_coef": kl_ctl.beta, "val/explained_variance": explained_variance(batch["values"], batch["returns"], batch["rmask"]),
+            "rollout/length": mean(batch["rmask"].sum(1).float()), "rollout/ended": mean(batch["ended"]),
+            **same_prompt_stats(batch["score"], args.rollouts_per_query),
+            "time/rollout_s": t_roll, "time/step_s": time.time() - t0})
+        if gold:
+            import task
+            texts = runtime.decode_responses(tok, batch["response"])
+            metrics["objective/gold"] = mean(torch.tensor([task.gold(p, t) for (_, p), t in zip(mine, texts)]))
+        kl_ctl.update(metrics["objective/kl"], args.queries * args.rollouts_per_query)
+        run.log(step + 1, metrics)
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
+            snap = os.path.join(args.output_dir, f"step{step + 1}")
+            if d.main:
+                os.makedirs(snap, exist_ok=True)
+            runtime.save_model(policy, tok, snap, d, extra={"DONE": {"stage": "ppo snapshot", "step": step + 1}})
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            run.save_checkpoint(step + 1, {"policy": (policy, popt), "critic": (critic, copt)},
+                                {"kl_coef": kl_ctl.beta})
+
+    runtime.save_model(policy, tok, args.output_dir, d)
+    run.finish({"stage": "ppo", "steps": args.steps})
+
+
+def main():
+    args = runtime.parse_args(Args, __doc__)
+    d = runtime.init_distributed(args.strategy, args.precision)
+    sample_only(args, d) if args.sample_only else train(args, d)
+
+
+if __name__ == "__main__":
+    runtime.guard(main)

@@ -1,0 +1,92 @@
+"""Bad input gets an error naming the file, the row and the problem; skipping is counted."""
+import json
+
+import pytest
+
+import data
+from conftest import run_script
+
+GOOD = {"chosen": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: restart the laptop .",
+        "rejected": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: stir the sauce ."}
+
+
+def write(tmp_path, rows, name="f.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"chosen": "x", ', "row 2: not valid JSON"),
+    ({"chosen": GOOD["chosen"]}, "row 2: missing key 'rejected'"),
+    ({"chosen": GOOD["chosen"], "rejected": GOOD["chosen"]}, "row 2: chosen and rejected are identical"),
+    ({"chosen": GOOD["chosen"], "rejected": "\n\nHuman: hello\n\nAssistant: hi"}, "row 2: chosen and rejected do not share"),
+    ({"chosen": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: ", "rejected": GOOD["rejected"]}, "row 2: empty chosen response"),
+    ({"chosen": "how do i fix it? restart", "rejected": GOOD["rejected"]}, "row 2: 'chosen' lacks the"),
+    ({"chosen": 3, "rejected": GOOD["rejected"]}, "row 2: 'chosen' should be a str"),
+    ([1, 2], "row 2: not a JSON object"),
+])
+def test_bad_pair_rows(tmp_path, bad, message):
+    path = write(tmp_path, [GOOD, bad, GOOD])
+    with pytest.raises(data.DataError) as e:
+        data.load_pairs(path)
+    assert str(e.value).startswith(path) and message in str(e.value)
+
+
+def test_skipping_is_counted_and_reported(tmp_path, capsys):
+    path = write(tmp_path, [GOOD, {"chosen": GOOD["chosen"]}, GOOD, {"chosen": GOOD["chosen"], "rejected": GOOD["chosen"]}])
+    rows = data.load_pairs(path, skip_bad=True)
+    assert len(rows) == 2
+    out = capsys.readouterr().out
+    assert "skipped 2 rows" in out and "missing key 'rejected'" in out and "identical" in out
+
+
+def test_bad_sft_prompt_and_meta_rows(tmp_path):
+    sft = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": "  "}], "sft.jsonl")
+    with pytest.raises(data.DataError, match="row 1: empty response"):
+        data.load_sft(sft)
+    prompts = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": "hi"}], "p.jsonl")
+    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: a prompt must start with"):
+        data.load_prompts(prompts)
+    meta = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "responses": [" a", " b"]},
+                            {"prompt": "\n\nHuman: yo\n\nAssistant:", "responses": [" a", " b", " c"]}], "m.jsonl")
+    with pytest.raises(data.DataError, match="m.jsonl, row 2: has 3 responses, earlier rows have 2"):
+        data.load_meta(meta)
+
+
+def test_hh_rows_split_at_the_last_assistant_turn(tmp_path):
+    text = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    path = write(tmp_path, [{"chosen": text, "rejected": text[:-1] + "e"}])
+    [(prompt, chosen, rejected, where)] = data.load_pairs(path)
+    assert prompt == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" and chosen == " d" and rejected == " e"
+    assert where.endswith("row 1")
+
+
+def test_cli_errors_are_one_line(tmp_path, micro):
+    """A user mistake ends with one 'error:' line and status 2, not a traceback."""
+    bad = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " ok"}, {"prompt": "x"}], "sft.jsonl")
+    cases = [
+        (["--data", bad], "sft.jsonl, row 2: missing key 'response'"),
+        (["--data", str(tmp_path / "nope.jsonl")], "does not exist"),
+        (["--model_name_or_path", str(tmp_path / "no_model")], "does not exist"),
+        (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], "cannot load 'meta-llama/Llama-2-7b-hf'"),
+    ]
+    for extra, message in cases:
+        args = ["sft.py", "--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
+                "--output_dir", str(tmp_path / "out")]
+        p = run_script(*(args + extra), check=False)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_too_long_rows(micro):
+    import runtime
+    tok = runtime.load_tokenizer(micro["base"])
+    prompt, response = "\n\nHuman: how do i fix my laptop ?\n\nAssistant:", " restart the laptop ."
+    with pytest.raises(data.DataError, match=r"f.jsonl, row 3: .* more than --max_len 8"):
+        data.Encoder(tok, max_len=8)(prompt, response, "f.jsonl, row 3")
+    enc = data.Encoder(tok, max_len=8, truncate=True)
+    p, r = enc(prompt, response)
+    assert len(p) + len(r) == 8 and r == tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert enc.cut["prompt cut from the left"] == 1 and enc.cut["response cut from the right"] == 0

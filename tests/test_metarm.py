@@ -1,0 +1,180 @@
+"""metarm.py: the meta-gradients against independent computations (finite differences,
+torch.func, a separately built theta'), the eta-scaling of the three forms, and J by hand."""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import metarm
+import reward_model as rm
+from conftest import ROOT  # noqa: F401
+
+VOCAB = 50
+
+
+def tiny_reward_model(kind, seed=0):
+    """A float64 reward model with dropout off: GPT-2 (no internal float32 casts) or Llama."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=1, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = GPT2ForSequenceClassification(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+        hf = LlamaForSequenceClassification(cfg)
+    hf.score.weight.data.normal_(0, 0.3)  # rewards of order one, so J and L have real curvature
+    return rm.ScalarModel(hf).double()
+
+
+def batch(n_rows, seed, min_len=4, max_len=9):
+    """Right-padded random token rows (pad id 0) of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
+    ids = torch.zeros(n_rows, max_len, dtype=torch.long)
+    mask = torch.zeros(n_rows, max_len, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, VOCAB, (int(n),), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def batches(k=3):
+    return batch(2 * 3, seed=1), batch(2 * k, seed=2), k  # X_t: 3 pairs; X_s: 2 prompts x k
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def params_of(model):
+    return dict((n, p) for n, p in model.named_parameters())
+
+
+# --- J, the difference loss (Eq. 2) -----------------------------------------------------------
+def test_J_by_hand():
+    r = torch.tensor([[0.0, 1.0, 3.0], [2.0, 2.5, 1.0]])
+    s = torch.sigmoid
+    want = (2 / 9 * (s(torch.tensor(1.0)) + s(torch.tensor(3.0)) + s(torch.tensor(2.0)))
+            + 2 / 9 * (s(torch.tensor(0.5)) + s(torch.tensor(1.0)) + s(torch.tensor(1.5)))) / 2
+    assert metarm.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
+
+
+def test_J_is_invariant_to_the_order_of_responses():
+    r = torch.randn(4, 5, dtype=torch.float64)
+    perm = torch.randperm(5)
+    assert metarm.difference_loss(r[:, perm]).item() == pytest.approx(metarm.difference_loss(r).item(), rel=1e-7)
+
+
+def test_J_for_two_responses_is_half_sigmoid_of_the_gap():
+    r = torch.randn(6, 2, dtype=torch.float64)
+    want = (torch.sigmoid((r[:, 0] - r[:, 1]).abs()) / 2).mean()
+    assert metarm.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
+
+
+# --- the meta-gradients ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind,eps,tol", [("gpt2", 1e-6, 1e-7), ("llama", 1e-5, 2e-3)])
+def test_exact_matches_finite_difference(kind, eps, tol):
+    """exact . v = d/de L(theta + e v + eta grad J(theta + e v)) at e = 0, in float64. GPT-2 has
+    no internal float32 casts: tight. HF Llama computes RMSNorm and softmax in float32 even in a
+    float64 model, so the difference quotient stalls near 1e-5..1e-3 (a looser tolerance)."""
+    model = tiny_reward_model(kind)
+    X_t, X_s, k = batches()
+    eta = 0.1
+    grad, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "exact")
+    g = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+    fd = metarm.finite_difference(model, X_t, X_s, k, eta, v, eps)
+    an = flat(grad) @ flat(v)
+    assert abs(an - fd) / abs(fd) < tol, (an.item(), fd.item())
+
+
+def test_exact_matches_torch_func():
+    """The same second-order gradient composed with torch.func: grad of a function that itself
+    takes a gradient."""
+    from torch.func import functional_call, grad
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    eta = 0.3
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def objective(theta):
+        g_J = grad(lambda th: metarm.J(model, X_s, k, th))(theta)
+        return metarm.L(model, X_t, {n: theta[n] + eta * g_J[n] for n in theta})
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = grad(objective)(params)
+    got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "exact")
+    for (n, _), g in zip(model.named_parameters(), got):
+        assert torch.allclose(g, want[n], rtol=1e-10, atol=1e-13), n
+
+
+def test_first_order_is_grad_L_at_a_separately_built_theta_prime():
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    eta = 0.2
+    before = [p.detach().clone() for p in model.parameters()]
+    got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "first_order")
+    # independently: theta' from a functional gradient, grad L there through functional_call
+    names, theta = zip(*[(n, p.detach().clone().requires_grad_()) for n, p in model.named_parameters()])
+    g_J = torch.autograd.grad(metarm.J(model, X_s, k, dict(zip(names, theta))), theta)
+    theta_prime = [(p + eta * g).detach().requires_grad_() for p, g in zip(theta, g_J)]
+    want = torch.autograd.grad(metarm.L(model, X_t, dict(zip(names, theta_prime))), theta_prime)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b), "parameters must be restored bit for bit"
+        assert p.grad is None
+
+
+def test_every_form_leaves_the_parameters_untouched():
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    before = [p.detach().clone() for p in model.parameters()]
+    for mode in ("exact", "first_order", "taylor"):
+        metarm.meta_gradient(model, X_t, X_s, k, 0.5, mode)
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), mode
+
+
+def test_eta_zero_gives_the_vanilla_gradient():
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    vanilla = torch.autograd.grad(metarm.L(model, X_t), list(model.parameters()))
+    for mode in ("exact", "first_order", "taylor"):
+        got, _ = metarm.meta_gradient(model, X_t, X_s, k, 0.0, mode)
+        assert torch.allclose(flat(got), flat(vanilla), rtol=1e-10, atol=1e-14), mode
+
+
+def test_taylor_is_the_gradient_of_the_surrogate():
+    """Against a finite difference of the surrogate L(theta) + eta <grad L, grad J> (Eq. 7)."""
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    eta = 0.1
+    got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "taylor")
+    names, theta = zip(*model.named_parameters())
+    v = [torch.randn_like(p) for p in theta]
+
+    def surrogate(e):
+        moved = [(p + e * u).detach().requires_grad_() for p, u in zip(theta, v)]
+        P = dict(zip(names, moved))
+        with sdpa_kernel(SDPBackend.MATH):
+            gL = torch.autograd.grad(metarm.L(model, X_t, P), moved)
+            gJ = torch.autograd.grad(metarm.J(model, X_s, k, P), moved)
+            return metarm.L(model, X_t, P).item() + eta * sum((a * b).sum().item() for a, b in zip(gL, gJ))
+    fd = (surrogate(1e-6) - surrogate(-1e-6)) / 2e-6
+    an = (flat(got) @ flat(v)).item()
+    assert an == pytest.approx(fd, rel=1e-6)
+
+
+def test_forms_converge_at_the_predicted_rates():
+    """|exact - taylor| = O(eta^2) and |first_order - taylor| = O(eta): fitted log-log slopes."""
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    rows, s_exact, s_first = metarm.check_table(model, X_t, X_s, k, [1e-3 / 2**i for i in range(5)])
+    assert s_exact == pytest.approx(2.0, abs=0.15), rows
+    assert s_first == pytest.approx(1.0, abs=0.15), rows
+    # halving eta: ratios tend to 4 and 2
+    assert rows[-2][1] / rows[-1][1] == pytest.approx(4, rel=0.1)
+    assert rows[-2][2] / rows[-1][2] == pytest.approx(2, rel=0.1)

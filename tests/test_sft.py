@@ -1,0 +1,78 @@
+"""sft.py: the loss by hand, a run end to end, DDP = one process, and resuming after a kill."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import runtime
+import sft
+from conftest import ROOT, metrics, run_script
+
+
+def test_loss_counts_response_tokens_only(micro):
+    tok = runtime.load_tokenizer(micro["base"])
+    model = runtime.load_causal_lm(micro["base"], tok)
+    rows = data.load_sft(os.path.join(micro["data"], "sft.jsonl"))[:5]
+    enc = data.Encoder(tok, 128)
+    examples = [enc(p, r) for p, r, _ in rows]
+    ids, mask, labels = sft.collate(examples, tok.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    got = sft.sft_loss_sum(logits, labels)
+    # by hand: -log p(token | everything before it), over each row's response tokens only
+    want = 0.0
+    for i, (p, r) in enumerate(examples):
+        for t in range(len(p), len(p) + len(r)):
+            want -= F.log_softmax(logits[i, t - 1], -1)[ids[i, t]]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # changing prompt tokens' labels or padding changes nothing: only response positions count
+    assert (labels[mask == 0] == -100).all()
+    assert all((labels[i, :len(p)] == -100).all() for i, (p, _) in enumerate(examples))
+
+
+def test_run_folder(micro_sft):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "args.json", "metrics.jsonl", "DONE"):
+        assert os.path.exists(os.path.join(micro_sft, name)), name
+    rows = metrics(micro_sft)
+    assert [r["step"] for r in rows] == list(range(1, 13)) and all("train/loss" in r for r in rows)
+    assert not os.path.exists(os.path.join(micro_sft, "checkpoint"))
+    again = run_script("sft.py", "--output_dir", micro_sft)
+    assert "skipping" in again.stdout
+
+
+def test_ddp_matches_one_process(micro, tmp_path):
+    """Two processes (gloo) with the same global batch log the same losses as one."""
+    args = ["sft.py", "--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
+            "--max_steps", "4", "--global_batch", "8"]
+    run_script(*args, "--output_dir", str(tmp_path / "one"))
+    run_script(*args, "--output_dir", str(tmp_path / "two"), nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["train/tokens"] for r in one] == [r["train/tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-6)
+
+
+def test_killed_run_resumes(micro, tmp_path):
+    """Kill -9 after the first checkpoint; the rerun resumes there and ends as an unbroken run."""
+    args = [sys.executable, "sft.py", "--model_name_or_path", micro["base"], "--data",
+            f"{micro['data']}/sft.jsonl", "--max_steps", "40", "--global_batch", "8", "--save_every", "4"]
+    subprocess.run(args + ["--output_dir", str(tmp_path / "whole")], cwd=ROOT, check=True, capture_output=True)
+    out = str(tmp_path / "broken")
+    proc = subprocess.Popen(args + ["--output_dir", out], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "checkpoint: step" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not runtime.is_done(out), "the run finished before it was killed"
+    resumed = subprocess.run(args + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout
+    whole, broken = metrics(tmp_path / "whole"), metrics(out)
+    assert [r["step"] for r in broken] == list(range(1, 41))
+    for a, b in zip(whole, broken):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
