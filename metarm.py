@@ -65,6 +65,9 @@ class Args:
     strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
+    deploy: str = arg("adapted", "which RM to save: 'adapted' = theta + eta grad J(theta; S), the meta-process "
+                      "applied once more on all of S (where L was trained to be low); 'theta' = Algorithm 1's "
+                      "last line, theta itself", ["adapted", "theta"])
     check: bool = arg(False, "print the gradient-check table instead of training")
 
 
@@ -245,6 +248,23 @@ def meta_batch(tok, meta, max_len, device):
     return (ids.to(device), mask.to(device)), len(meta[0][1])
 
 
+def adapt(model, tok, meta, args, d):
+    """theta <- theta + eta grad J(theta; S), in place, with grad J averaged over all of S: the
+    meta-process once more, on the whole meta data, so that the saved RM is the adapted one.
+    Every process takes its share of each global meta batch, as in training."""
+    theta = [p for p in model.parameters() if p.requires_grad]
+    n_batches = math.ceil(len(meta) / args.meta_batch)
+    for b in range(n_batches):
+        rows = [meta[i] for i in runtime.batch_indices(len(meta), args.meta_batch, b, args.seed + 2, d)]
+        X_s, k = meta_batch(tok, rows, args.max_len, d.device)
+        with runtime.autocast(d):
+            (J(model, X_s, k) / n_batches).backward()
+    with torch.no_grad():
+        for p in theta:
+            p.add_(p.grad, alpha=args.eta)
+            p.grad = None
+
+
 @torch.no_grad()
 def mean_J(model, tok, meta, d, max_len):
     """J averaged over the whole meta data set (the measurement MetaRM is meant to raise)."""
@@ -297,11 +317,11 @@ def train(args):
     d.print(f"metarm ({args.meta_grad}, eta={args.eta}): {len(examples)} pairs, {len(meta)} meta "
             f"prompts x {len(meta[0][1])} responses, {total} steps")
 
-    def evaluate(step):
+    def evaluate(step, prefix="eval"):
         model.eval()
-        out = {"eval/J": mean_J(model, tok, meta, d, args.max_len)}
+        out = {f"{prefix}/J": mean_J(model, tok, meta, d, args.max_len)}
         if eval_examples:
-            out["eval/accuracy"], out["eval/margin"] = rm.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
+            out[f"{prefix}/accuracy"], out[f"{prefix}/margin"] = rm.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
         model.train()
         run.log(step, out)
         return out
@@ -337,11 +357,15 @@ def train(args):
         if (step + 1) % args.save_every == 0 and step + 1 < total:
             run.save_checkpoint(step + 1, {"model": (model, opt)})
 
-    # final measurements on the meta data (the shifted samples), reward statistics, save, DONE
+    # the RM to deploy, its measurements on the meta data (the shifted samples), save, DONE last
     model.eval()
-    final = evaluate(total)
-    summary = {"stage": "metarm", "meta_grad": args.meta_grad, "steps": total, **final,
-               **rm.measure(model, tok, d, meta=meta, gold=rm.gold_applies([p for p, _, _ in meta]), max_len=args.max_len)}
+    gold = rm.gold_applies([p for p, _, _ in meta])
+    summary = {"stage": "metarm", "meta_grad": args.meta_grad, "deploy": args.deploy, "steps": total}
+    if args.deploy == "adapted":  # theta's own figures first, for comparison
+        summary.update(evaluate(total, "theta"))
+        summary.update({f"theta/{k}": v for k, v in rm.measure(model, tok, d, meta=meta, gold=gold, max_len=args.max_len).items()})
+        adapt(model, tok, meta, args, d)
+    summary.update({**evaluate(total), **rm.measure(model, tok, d, meta=meta, gold=gold, max_len=args.max_len)})
     stats = rm.reward_stats(model, examples, tok.pad_token_id, d)
     runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
     run.finish({**summary, "reward_stats": stats})

@@ -114,7 +114,7 @@ def values_of(critic, query, qmask, response, rmask):
 
 def last_token(rmask):
     """Index of the last real response token (its EOS, or the last token if it never ends)."""
-    return (rmask.sum(1) - 1).clamp(min=0)
+    return (rmask.sum(1) - 1).clamp(min=0).long()
 
 
 def shape_score(score, ended, stats, reward_clip, missing_eos_penalty):
@@ -240,8 +240,8 @@ def ppo_update(policy, critic, popt, copt, batch, args, d):
             popt.zero_grad(set_to_none=True)
             copt.zero_grad(set_to_none=True)
             for key, val in (("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("kl", akl),
-                             ("ent", (entropy.detach() * b["rmask"]).sum())):
-                sums[key] += runtime.all_sum(float(val))
+                             ("ent", (entropy * b["rmask"]).sum())):
+                sums[key] += runtime.all_sum(float(val.detach()))
             sums["tokens"] += tokens
     t = sums["tokens"]
     return {"ppo/policy/loss": sums["pg"] / t, "ppo/val/loss": sums["vf"] / t,

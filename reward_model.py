@@ -221,9 +221,12 @@ def measure(model, tok, d, pairs=None, meta=None, gold=False, max_len=128, trunc
     return out
 
 
-def reward_stats(model, examples, pad_id, d):
-    """Mean and standard deviation of r over the training responses (PPO normalises with them)."""
-    r = score_sequences(model, [c for c, _ in examples] + [x for _, x in examples], pad_id, d)
+def reward_stats(model, examples, pad_id, d, n=2048):
+    """Mean and standard deviation of r over (up to n of) the training responses, chosen and
+    rejected alike: PPO normalises the RM score with them."""
+    seqs = [c for c, _ in examples] + [x for _, x in examples]
+    pick = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    r = score_sequences(model, [seqs[i] for i in pick], pad_id, d)
     return {"mean": float(r.mean()), "std": float(r.std()), "n": len(r)}
 
 

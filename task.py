@@ -79,7 +79,7 @@ OOD_TOPICS = {
                       tip_nouns=["lens", "sky", "orbit", "night"]),
     "painting": dict(nouns=["watercolor", "portrait", "canvas", "mural", "sketchbook", "acrylics"],
                      tip_verbs=["mix", "blend", "sketch", "layer"],
-                     tip_nouns=["brush", "colors", "paper", "shadows"]),
+                     tip_nouns=["easel", "colors", "paper", "shadows"]),
     "chess": dict(nouns=["openings", "endgame", "tactics", "tournament", "blitz", "puzzles"],
                   tip_verbs=["study", "analyze", "calculate", "defend"],
                   tip_nouns=["pawns", "bishops", "center", "king"]),
@@ -421,7 +421,10 @@ def main():
     n_params = build_base_model(data_dir, os.path.join(args.out_dir, "base_model"), seed=args.seed,
                                 hidden_size=args.hidden_size, num_layers=args.num_layers,
                                 intermediate_size=args.intermediate_size)
-    print(json.dumps({**summary, "base_model_parameters": n_params}, indent=2))
+    summary = {**summary, "base_model_parameters": n_params}
+    with open(os.path.join(args.out_dir, "DONE"), "w") as f:  # written last: the task is complete
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,13 @@ def micro_sft(micro):
     run_script("sft.py", "--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
                "--output_dir", out, "--max_steps", "12", "--global_batch", "16")
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_rm(micro, micro_sft):
+    """A reward model trained briefly from the micro SFT model."""
+    out = os.path.join(micro["root"], "rm")
+    run_script("reward_model.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
+               "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--output_dir", out,
+               "--epochs", "2", "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000")
+    return out

@@ -84,9 +84,15 @@ def test_too_long_rows(micro):
     import runtime
     tok = runtime.load_tokenizer(micro["base"])
     prompt, response = "\n\nHuman: how do i fix my laptop ?\n\nAssistant:", " restart the laptop ."
-    with pytest.raises(data.DataError, match=r"f.jsonl, row 3: .* more than --max_len 8"):
-        data.Encoder(tok, max_len=8)(prompt, response, "f.jsonl, row 3")
-    enc = data.Encoder(tok, max_len=8, truncate=True)
+    p_ids, r_ids = tok(prompt)["input_ids"], tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with pytest.raises(data.DataError, match=r"f.jsonl, row 3: .* more than --max_len 10"):
+        data.Encoder(tok, max_len=10)(prompt, response, "f.jsonl, row 3")
+    # the prompt is cut from the left first (keeping at least half of max_len) ...
+    enc = data.Encoder(tok, max_len=10, truncate=True)
     p, r = enc(prompt, response)
-    assert len(p) + len(r) == 8 and r == tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert r == r_ids and p == p_ids[len(p_ids) - (10 - len(r_ids)):]
     assert enc.cut["prompt cut from the left"] == 1 and enc.cut["response cut from the right"] == 0
+    # ... then the response from the right
+    enc = data.Encoder(tok, max_len=6, truncate=True)
+    p, r = enc(prompt, response)
+    assert p == p_ids[-3:] and r == r_ids[:3] and enc.cut["response cut from the right"] == 1
