@@ -1,9 +1,13 @@
 """Reading the data every stage uses, with errors that name the file, the row and the problem.
 
-All files use the HH-RLHF schema, so the embedded task and the real data sets share this code:
+Everything is turned into HH-RLHF transcripts, so the embedded task and the real data sets share
+the stages' code:
   pairs    {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: good", "rejected": "...same prompt... bad"}
-  sft      {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "response": " ..."}  (or an HH "chosen" row)
-  prompts  {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:"}                  (or an HH "chosen" row)
+           (HH-RLHF), or TL;DR comparisons (openai/summarize_from_feedback), or PKU-SafeRLHF rows
+  sft      {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "response": " ..."}, TL;DR {"prompt", "label"},
+           or an HH-RLHF row (its "chosen")
+  prompts  {"prompt": ...}, an HH-RLHF row, a TL;DR row, a PKU-SafeRLHF row, or Oasst1 messages
+           (conversation starts only); a plain-text prompt becomes one human turn
   meta     {"prompt": "...", "responses": [" ...", " ...", ...]}   k responses, as written by
            `ppo.py --sample_only`, read by metarm.py
 A local .jsonl/.json file is read here line by line; anything else (a parquet file, a hub name)
@@ -69,14 +73,19 @@ def rows(path):
 
 
 def _hf_rows(path):
+    """Rows through datasets.load_dataset. path: a parquet/json/csv file, or a hub name written
+    NAME[#CONFIG][@DATA_DIR][:SPLIT], e.g. "Anthropic/hh-rlhf@harmless-base:test" or
+    "openai/summarize_from_feedback#comparisons:validation"."""
     import datasets
-    name, _, split = path.partition(":")  # "Anthropic/hh-rlhf:test" picks a split
+    name, _, split = path.partition(":")
+    name, _, data_dir = name.partition("@")
+    name, _, config = name.partition("#")
     try:
         if os.path.isfile(name):
             ext = {"parquet": "parquet", "csv": "csv"}.get(name.rsplit(".", 1)[-1], "json")
             ds = datasets.load_dataset(ext, data_files=name, split=split or "train")
         else:
-            ds = datasets.load_dataset(name, split=split or "train")
+            ds = datasets.load_dataset(name, config or None, data_dir=data_dir or None, split=split or "train")
     except Exception as e:  # datasets raises many types; all mean "cannot read this"
         raise DataError(f"cannot load data set {path!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}") from None
@@ -84,14 +93,28 @@ def _hf_rows(path):
         yield f"{path}, row {i}", row
 
 
-def field(row, key, where, problems, kind=str):
-    if not isinstance(row, dict):
-        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+# ---------------------------------------------------------------------------------------------
+# Rows of any supported schema -> HH-RLHF transcripts. Each returns None after reporting a
+# problem (an error, or a count when skipping).
+# ---------------------------------------------------------------------------------------------
+def _text(row, key, where, problems):
     if key not in row:
         return problems(where, f"missing key {key!r} (keys: {sorted(row)})")
-    if not isinstance(row[key], kind):
-        return problems(where, f"{key!r} should be a {kind.__name__}, got {type(row[key]).__name__}")
+    if not isinstance(row[key], str):
+        return problems(where, f"{key!r} should be a string, got {type(row[key]).__name__}")
     return row[key]
+
+
+def as_prompt_text(text, where, problems):
+    """An HH prompt as is; a plain-text prompt (PKU-SafeRLHF, TL;DR, Oasst1) as one human turn."""
+    if not text.strip():
+        return problems(where, "empty prompt")
+    if text.startswith(HUMAN):
+        if not text.endswith(ASSISTANT):
+            return problems(where, f"a prompt that starts with '\\n\\nHuman:' must end with "
+                                   f"'\\n\\nAssistant:': {text[-60:]!r}")
+        return text
+    return f"{HUMAN} {text.strip()}{ASSISTANT}"
 
 
 def split_transcript(text, where, problems, key="chosen"):
@@ -103,11 +126,80 @@ def split_transcript(text, where, problems, key="chosen"):
     return text[:cut], text[cut:]
 
 
-def check_prompt(prompt, where, problems):
-    if not prompt.startswith(HUMAN) or not prompt.endswith(ASSISTANT):
-        return problems(where, "a prompt must start with '\\n\\nHuman:' and end with "
-                               f"'\\n\\nAssistant:': {prompt[:60]!r}")
-    return prompt
+def tldr_prompt(info):
+    """A TL;DR post as the human turn of a summarisation request."""
+    return (f"{HUMAN} Summarize this Reddit post.\nSUBREDDIT: r/{info.get('subreddit') or ''}\n"
+            f"TITLE: {info.get('title') or ''}\nPOST: {info.get('post') or info.get('article') or ''}{ASSISTANT}")
+
+
+def row_to_pair(row, where, problems, pku_preference="safer"):
+    """(prompt, chosen response, rejected response) from HH-RLHF, TL;DR comparisons
+    (openai/summarize_from_feedback) or PKU-SafeRLHF rows."""
+    if not isinstance(row, dict):
+        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+    if "summaries" in row and "choice" in row:  # TL;DR comparisons
+        s, c = row["summaries"], row["choice"]
+        if not (isinstance(s, list) and len(s) == 2 and c in (0, 1) and isinstance(row.get("info"), dict)):
+            return problems(where, "a TL;DR comparison needs 'info', two 'summaries' and 'choice' 0 or 1")
+        return tldr_prompt(row["info"]), " " + s[c]["text"].strip(), " " + s[1 - c]["text"].strip()
+    if "response_0" in row:  # PKU-SafeRLHF
+        key = f"{pku_preference}_response_id"
+        p, best = _text(row, "prompt", where, problems), row.get(key)
+        if p is None or best not in (0, 1):
+            return None if p is None else problems(where, f"missing or bad {key!r}")
+        return (as_prompt_text(p, where, problems), " " + row[f"response_{best}"].strip(),
+                " " + row[f"response_{1 - best}"].strip())
+    chosen, rejected = _text(row, "chosen", where, problems), None
+    if chosen is not None:
+        rejected = _text(row, "rejected", where, problems)
+    if chosen is None or rejected is None:
+        return None
+    c = split_transcript(chosen, where, problems, "chosen")
+    r = c and split_transcript(rejected, where, problems, "rejected")
+    if not c or not r:
+        return None
+    if c[0] != r[0]:
+        return problems(where, "chosen and rejected do not share the same prompt")
+    return c[0], c[1], r[1]
+
+
+def row_to_prompt(row, where, problems):
+    """A prompt from {prompt}, HH-RLHF, TL;DR (comparisons or SFT), PKU-SafeRLHF or Oasst1 rows.
+    Oasst1 is a message tree: only conversation starts (a prompter message without a parent) are
+    prompts; every other message is counted as skipped, never an error."""
+    if not isinstance(row, dict):
+        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+    if "message_id" in row and "role" in row:  # Oasst1
+        if row["role"] != "prompter" or row.get("parent_id"):
+            problems.counts["oasst1 message that does not start a conversation"] += 1
+            return None
+        text = _text(row, "text", where, problems)
+        return text and as_prompt_text(text, where, problems)
+    if "info" in row and isinstance(row["info"], dict):  # TL;DR
+        return tldr_prompt(row["info"])
+    if "prompt" in row:
+        p = _text(row, "prompt", where, problems)
+        return p and as_prompt_text(p, where, problems)
+    if "chosen" in row:
+        chosen = _text(row, "chosen", where, problems)
+        pr = chosen and split_transcript(chosen, where, problems)
+        return pr and pr[0]
+    return problems(where, f"missing key 'prompt' (keys: {sorted(row)})")
+
+
+def row_to_sft(row, where, problems):
+    """(prompt, response) from {prompt, response}, TL;DR SFT {prompt, label} or HH-RLHF rows."""
+    if not isinstance(row, dict):
+        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+    if "prompt" not in row and "chosen" in row:
+        chosen = _text(row, "chosen", where, problems)
+        return chosen and split_transcript(chosen, where, problems)
+    p = _text(row, "prompt", where, problems)
+    if p is None:
+        return None
+    r = _text(row, "label" if "label" in row and "response" not in row else "response", where, problems)
+    p = r is not None and as_prompt_text(p, where, problems)
+    return p and (p, r if r.startswith(" ") else " " + r)
 
 
 def nonempty(response, where, problems, what="response"):
@@ -116,51 +208,37 @@ def nonempty(response, where, problems, what="response"):
     return response
 
 
-def load_pairs(path, skip_bad=False):
-    """[(prompt, chosen_response, rejected_response, where)] from an HH-RLHF-schema file."""
+def load_pairs(path, skip_bad=False, pku_preference="safer"):
+    """[(prompt, chosen_response, rejected_response, where)]: HH-RLHF, TL;DR comparisons or
+    PKU-SafeRLHF rows."""
     problems, out = Problems(skip_bad), []
     for where, row in rows(path):
-        chosen, rejected = (field(row, k, where, problems) for k in ("chosen", "rejected"))
-        if chosen is None or rejected is None:
+        pair = row_to_pair(row, where, problems, pku_preference)
+        if pair is None or pair[0] is None:
             continue
-        c = split_transcript(chosen, where, problems, "chosen")
-        r = split_transcript(rejected, where, problems, "rejected")
-        if c is None or r is None:
-            continue
-        if c[0] != r[0]:
-            problems(where, "chosen and rejected do not share the same prompt")
-        elif chosen == rejected:
+        p, c, r = pair
+        if c == r:
             problems(where, "chosen and rejected are identical")
-        elif nonempty(c[1], where, problems, "chosen response") is not None and \
-                nonempty(r[1], where, problems, "rejected response") is not None:
-            out.append((c[0], c[1], r[1], where))
+        elif nonempty(c, where, problems, "chosen response") and nonempty(r, where, problems, "rejected response"):
+            out.append((p, c, r, where))
     return _done(path, out, problems)
 
 
 def load_sft(path, skip_bad=False):
-    """[(prompt, response, where)] from {"prompt", "response"} rows or HH-RLHF rows (their "chosen")."""
+    """[(prompt, response, where)] from {prompt, response}, TL;DR {prompt, label} or HH-RLHF rows."""
     problems, out = Problems(skip_bad), []
     for where, row in rows(path):
-        if isinstance(row, dict) and "prompt" not in row and "chosen" in row:
-            pr = split_transcript(field(row, "chosen", where, problems) or "", where, problems)
-        else:
-            p, r = field(row, "prompt", where, problems), field(row, "response", where, problems)
-            pr = None if p is None or r is None else (check_prompt(p, where, problems), r)
-        if pr is not None and pr[0] is not None and nonempty(pr[1], where, problems) is not None:
+        pr = row_to_sft(row, where, problems)
+        if pr and pr[0] and nonempty(pr[1], where, problems):
             out.append((*pr, where))
     return _done(path, out, problems)
 
 
 def load_prompts(path, skip_bad=False):
-    """[(prompt, where)] from {"prompt"} rows or HH-RLHF rows (the prompt of their "chosen")."""
+    """[(prompt, where)] from prompt rows of any supported schema."""
     problems, out = Problems(skip_bad), []
     for where, row in rows(path):
-        if isinstance(row, dict) and "prompt" not in row and "chosen" in row:
-            pr = split_transcript(field(row, "chosen", where, problems) or "", where, problems)
-            p = pr and pr[0]
-        else:
-            p = field(row, "prompt", where, problems)
-            p = p and check_prompt(p, where, problems)
+        p = row_to_prompt(row, where, problems)
         if p:
             out.append((p, where))
     return _done(path, out, problems)
@@ -170,17 +248,21 @@ def load_meta(path, skip_bad=False):
     """[(prompt, [k responses], where)]: the meta data set S of MetaRM (same k in every row)."""
     problems, out, k = Problems(skip_bad), [], None
     for where, row in rows(path):
-        p, rs = field(row, "prompt", where, problems), field(row, "responses", where, problems, list)
-        if p is None or rs is None or check_prompt(p, where, problems) is None:
+        if not isinstance(row, dict):
+            problems(where, f"not a JSON object: {str(row)[:60]!r}")
             continue
-        if len(rs) < 2 or not all(isinstance(r, str) for r in rs):
+        p = _text(row, "prompt", where, problems)
+        rs = row.get("responses")
+        if p is None or as_prompt_text(p, where, problems) is None:
+            continue
+        if not isinstance(rs, list) or len(rs) < 2 or not all(isinstance(r, str) for r in rs):
             problems(where, "'responses' must be a list of at least 2 strings")
             continue
         if k is not None and len(rs) != k:
             problems(where, f"has {len(rs)} responses, earlier rows have {k}")
             continue
         k = len(rs)
-        out.append((p, rs, where))
+        out.append((as_prompt_text(p, where, problems), rs, where))
     return _done(path, out, problems)
 
 

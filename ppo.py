@@ -26,6 +26,7 @@ critic V, initialised from the reward model and read at every response token. On
         --max_prompt_len 512 --truncate true --skip_bad_rows true \\
         --gradient_checkpointing true --output_dir runs/7b/ppo   # the paper's settings (7B)
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,11 +47,11 @@ class Args:
     rm_dir: str = arg("runs/default/rm", "the frozen reward model (the critic starts from it too)")
     prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "queries: {prompt} rows or HH-RLHF rows")
     output_dir: str = arg("runs/default/ppo", "run folder (a save_pretrained policy when done)")
-    steps: int = arg(30, "PPO steps (one roll-out batch each)")
+    steps: int = arg(20, "PPO steps (one roll-out batch each)")
     snapshot_every: int = arg(0, "also save the policy every this many steps in <output_dir>/step<N> (0: off)")
     queries: int = arg(32, "queries per step, over all processes")
     rollouts_per_query: int = arg(2, "responses sampled per query (paper: 16 at 7B); >= 2 gives the same-prompt |dr|")
-    ppo_epochs: int = arg(2, "passes over each roll-out batch")
+    ppo_epochs: int = arg(1, "passes over each roll-out batch")
     mini_batches: int = arg(2, "mini-batches per PPO epoch")
     policy_lr: float = arg(3e-4, "policy learning rate (paper: 5e-7 at 7B)")
     critic_lr: float = arg(1e-3, "critic learning rate (paper: 1.5e-6 at 7B)")
@@ -190,21 +191,40 @@ class AdaptiveKL:
 # ---------------------------------------------------------------------------------------------
 # Roll-outs and the PPO update
 # ---------------------------------------------------------------------------------------------
+class Timer(dict):
+    """Seconds spent per named part of a step (the time breakdown in the log and bench_ppo.py)."""
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
 @torch.no_grad()
-def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d):
-    """Steps 1-4 for this process's queries: a dict of tensors plus the decoded responses."""
+def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, timer):
+    """Steps 1-4 for this process's queries: a dict of tensors (prompts: [(ids, text)])."""
     sampling = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     policy.eval()
-    query, response = runtime.generate(policy, tok, [p for p, _ in prompts], sampling, d)
+    with timer("generate"):
+        query, response = runtime.generate(policy, tok, [p for p, _ in prompts], sampling, d)
     qmask = (query != tok.pad_token_id).long()
     rmask = response_mask(response, tok.eos_token_id)
     ended = (response == tok.eos_token_id).any(1)
     with runtime.autocast(d):
-        logp, _ = logprobs_and_entropy(policy, query, qmask, response, rmask, args.temperature)
-        ref_logp, _ = logprobs_and_entropy(ref, query, qmask, response, rmask, args.temperature)
-        values = values_of(critic, query, qmask, response, rmask).float()
-        ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-        score = rm.rewards(reward, ids, mask).float()
+        with timer("policy_forward"):
+            logp, _ = logprobs_and_entropy(policy, query, qmask, response, rmask, args.temperature)
+        with timer("reference_forward"):
+            ref_logp, _ = logprobs_and_entropy(ref, query, qmask, response, rmask, args.temperature)
+        with timer("value_forward"):
+            values = values_of(critic, query, qmask, response, rmask).float()
+        with timer("reward_forward"):
+            ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+            score = rm.rewards(reward, ids, mask).float()
     shaped = shape_score(score, ended, stats, args.reward_clip, args.missing_eos_penalty)
     rewards, kl = token_rewards(shaped, logp, ref_logp, rmask, kl_coef)
     adv, returns = gae(rewards, values, rmask, args.gamma, args.lam)
@@ -362,12 +382,12 @@ def train(args, d):
             f"{args.rollouts_per_query} roll-outs")
 
     for step in runtime.progress(range(start, args.steps), d, initial=start, total=args.steps, desc="ppo"):
-        t0 = time.time()
+        t0, timer = time.perf_counter(), Timer()
         rows = runtime.batch_indices(len(prompts), args.queries, step, args.seed, d)
         mine = [prompts[i] for i in rows for _ in range(args.rollouts_per_query)]
-        batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d)
-        t_roll = time.time() - t0
-        metrics = ppo_update(policy, critic, popt, copt, batch, args, d)
+        batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d, timer)
+        with timer("ppo_epochs"):
+            metrics = ppo_update(policy, critic, popt, copt, batch, args, d)
 
         # metrics of the roll-outs (the objective the policy maximises, and the drift)
         kl_sum = batch["kl"].sum(1)
@@ -379,7 +399,7 @@ def train(args, d):
             "objective/kl_coef": kl_ctl.beta, "val/explained_variance": explained_variance(batch["values"], batch["returns"], batch["rmask"]),
             "rollout/length": mean(batch["rmask"].sum(1).float()), "rollout/ended": mean(batch["ended"]),
             **same_prompt_stats(batch["score"], args.rollouts_per_query),
-            "time/rollout_s": t_roll, "time/step_s": time.time() - t0})
+            **{f"time/{k}_s": v for k, v in timer.items()}, "time/step_s": time.perf_counter() - t0})
         if gold:
             import task
             texts = runtime.decode_responses(tok, batch["response"])

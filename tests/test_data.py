@@ -23,7 +23,7 @@ def write(tmp_path, rows, name="f.jsonl"):
     ({"chosen": GOOD["chosen"], "rejected": "\n\nHuman: hello\n\nAssistant: hi"}, "row 2: chosen and rejected do not share"),
     ({"chosen": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: ", "rejected": GOOD["rejected"]}, "row 2: empty chosen response"),
     ({"chosen": "how do i fix it? restart", "rejected": GOOD["rejected"]}, "row 2: 'chosen' lacks the"),
-    ({"chosen": 3, "rejected": GOOD["rejected"]}, "row 2: 'chosen' should be a str"),
+    ({"chosen": 3, "rejected": GOOD["rejected"]}, "row 2: 'chosen' should be a string"),
     ([1, 2], "row 2: not a JSON object"),
 ])
 def test_bad_pair_rows(tmp_path, bad, message):
@@ -45,9 +45,12 @@ def test_bad_sft_prompt_and_meta_rows(tmp_path):
     sft = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": "  "}], "sft.jsonl")
     with pytest.raises(data.DataError, match="row 1: empty response"):
         data.load_sft(sft)
-    prompts = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": "hi"}], "p.jsonl")
-    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: a prompt must start with"):
+    prompts = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": "\n\nHuman: hi"}], "p.jsonl")
+    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: a prompt that starts with .* must end with"):
         data.load_prompts(prompts)
+    # a plain-text prompt is one human turn
+    plain = write(tmp_path, [{"prompt": "  what is a good name for a cat?  "}], "plain.jsonl")
+    assert data.load_prompts(plain)[0][0] == "\n\nHuman: what is a good name for a cat?\n\nAssistant:"
     meta = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "responses": [" a", " b"]},
                             {"prompt": "\n\nHuman: yo\n\nAssistant:", "responses": [" a", " b", " c"]}], "m.jsonl")
     with pytest.raises(data.DataError, match="m.jsonl, row 2: has 3 responses, earlier rows have 2"):

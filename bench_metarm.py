@@ -1,0 +1,98 @@
+"""bench_metarm.py: what one MetaRM step costs, in one process, on the same batches.
+
+Times (median of --repeats after a warm-up):
+  vanilla      forward + backward of L on the pair batch X_t (a vanilla RM step, no optimizer)
+  meta f+b     forward + backward of J on the meta batch X_s
+  first_order  metarm.meta_gradient(..., "first_order")  (floor: vanilla + meta f+b)
+  exact        metarm.meta_gradient(..., "exact")
+  taylor       metarm.meta_gradient(..., "taylor")
+on the embedded task's tiny Llama and on a larger one (tens of millions of parameters), both
+randomly initialised, with random token batches of the embedded task's lengths.
+
+    python bench_metarm.py                 # both models, prints a markdown table
+    python bench_metarm.py --sizes tiny    # the tiny model only
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import metarm
+import reward_model as rm
+
+SIZES = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
+         "larger": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8)}
+
+
+def model_of(size, vocab=1024):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    cfg = LlamaConfig(vocab_size=vocab, num_key_value_heads=SIZES[size]["num_attention_heads"], num_labels=1,
+                      pad_token_id=0, max_position_embeddings=256, **SIZES[size])
+    torch.manual_seed(0)
+    return rm.ScalarModel(LlamaForSequenceClassification(cfg))
+
+
+def random_batch(rows, seed, vocab=1024, lengths=(20, 40)):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(lengths[0], lengths[1] + 1, (rows,), generator=g)
+    ids = torch.zeros(rows, lengths[1], dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, L in enumerate(n.tolist()):
+        ids[i, :L] = torch.randint(3, vocab, (L,), generator=g)
+        mask[i, :L] = 1
+    return ids, mask
+
+
+def timed(f, repeats):
+    f()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(size, n_pairs, m, k, eta, repeats):
+    model = model_of(size)
+    X_t, X_s = random_batch(2 * n_pairs, 1), random_batch(m * k, 2)
+    params = [p for p in model.parameters()]
+
+    def backward(loss_fn):
+        def f():
+            loss_fn().backward()
+            for p in params:
+                p.grad = None
+        return f
+    t = {"vanilla": timed(backward(lambda: metarm.L(model, X_t)), repeats),
+         "meta f+b": timed(backward(lambda: metarm.J(model, X_s, k)), repeats)}
+    for mode in ("first_order", "exact", "taylor"):
+        t[mode] = timed(lambda: metarm.meta_gradient(model, X_t, X_s, k, eta, mode), repeats)
+    return sum(p.numel() for p in params), t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,larger", help="comma-separated: tiny, larger")
+    ap.add_argument("--pairs", type=int, default=16, help="n: preference pairs in X_t")
+    ap.add_argument("--prompts", type=int, default=8, help="m: prompts in X_s")
+    ap.add_argument("--k", type=int, default=5, help="responses per prompt in X_s")
+    ap.add_argument("--eta", type=float, default=0.5, help="the ascent step")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median)")
+    args = ap.parse_args()
+    print(f"one process, {torch.get_num_threads()} threads; X_t = {args.pairs} pairs, "
+          f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each\n")
+    print("| model | parameters | vanilla (s) | meta f+b (s) | first_order (s) | exact (s) | taylor (s) "
+          "| first_order / floor | exact / first_order | taylor / first_order |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        n, t = bench(size, args.pairs, args.prompts, args.k, args.eta, args.repeats)
+        floor = t["vanilla"] + t["meta f+b"]
+        print(f"| {size} | {n / 1e6:.1f}M | {t['vanilla']:.3f} | {t['meta f+b']:.3f} | {t['first_order']:.3f} | "
+              f"{t['exact']:.3f} | {t['taylor']:.3f} | {t['first_order'] / floor:.2f} | "
+              f"{t['exact'] / t['first_order']:.2f} | {t['taylor'] / t['first_order']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
