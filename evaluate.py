@@ -79,29 +79,52 @@ def ngrams(tokens, n):
     return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu(hyp, refs, max_n):
-    """Sentence BLEU with uniform weights over 1..max_n, clipped counts against several
-    references, the closest reference length for the brevity penalty, and 'method 1'
-    smoothing (a zero count becomes 0.1), as in Self-BLEU (Zhu et al. 2018)."""
+def bleu(hyp, best, ref_lengths, max_n):
+    """Sentence BLEU of token list `hyp` with uniform weights over 1..max_n, as in Self-BLEU
+    (Zhu et al. 2018): n-gram counts clipped by best[n][g], the largest count of n-gram g in any
+    reference; the closest reference length for the brevity penalty; 'method 1' smoothing (a
+    zero count becomes 0.1)."""
     log_p = 0.0
     for n in range(1, max_n + 1):
         counts = ngrams(hyp, n)
-        best = collections.Counter()
-        for r in refs:
-            best |= ngrams(r, n)
-        clipped = sum(min(c, best[g]) for g, c in counts.items())
-        total = max(1, sum(counts.values()))
-        log_p += math.log((clipped or 0.1) / total) / max_n
+        clipped = sum(min(c, best[n][g]) for g, c in counts.items())
+        log_p += math.log((clipped or 0.1) / max(1, sum(counts.values()))) / max_n
     c = len(hyp)
-    r = min((abs(len(x) - c), len(x)) for x in refs)[1]
+    r = min((abs(x - c), x) for x in ref_lengths)[1]
     bp = 1.0 if c > r else math.exp(1 - r / max(c, 1))
     return bp * math.exp(log_p)
+
+
+class _Leave1Out(dict):
+    """The largest count of each n-gram over all texts but one: the top two counts are kept
+    with the owner of the top one, so each text's references cost nothing to build."""
+
+    def __init__(self, counters, skip):
+        super().__init__()
+        self.counters, self.skip = counters, skip
+
+    def __missing__(self, g):
+        (c1, owner), c2 = self.counters[g]
+        return c2 if owner == self.skip else c1
 
 
 def self_bleu(texts, max_n):
     """Mean BLEU of each text against all the others (higher: less diverse)."""
     toks = [t.split() for t in texts]
-    return sum(bleu(t, toks[:i] + toks[i + 1:], max_n) for i, t in enumerate(toks)) / len(toks)
+    top = [None]
+    for n in range(1, max_n + 1):  # per n-gram: (largest count, its text), second largest count
+        t = {}
+        for i, tk in enumerate(toks):
+            for g, c in ngrams(tk, n).items():
+                (c1, o1), c2 = t.get(g, ((0, -1), 0))
+                t[g] = ((c, i), c1) if c > c1 else ((c1, o1), max(c2, c))
+        top.append(t)
+    lengths = [len(t) for t in toks]
+    total = 0.0
+    for i, tk in enumerate(toks):
+        best = [None] + [_Leave1Out(top[n], i) for n in range(1, max_n + 1)]
+        total += bleu(tk, best, lengths[:i] + lengths[i + 1:], max_n)
+    return total / len(toks)
 
 
 def distinct(texts, n):
@@ -163,13 +186,10 @@ class Judge:
 def rm_on_samples(rm_dir, meta_file, pairs, d):
     """A reward model on a round's meta data (samples of the policy it will steer) and on the
     held-out pairs: J, |dr| statistics, gold agreement, accuracy."""
-    import metarm
     tok = runtime.load_tokenizer(rm_dir)
     model = rm.load_reward_model(rm_dir, tok).to(d.device).eval()
     meta = data.load_meta(meta_file)
-    out = rm.measure(model, tok, d, pairs=pairs, meta=meta, gold=rm.gold_applies([p for p, _, _ in meta]))
-    out["J"] = float(metarm.difference_loss(rm.score_samples(model, tok, meta, d)))
-    return out
+    return rm.measure(model, tok, d, pairs=pairs, meta=meta, gold=rm.gold_applies([p for p, _, _ in meta]))
 
 
 def curve(run_dir, key):
@@ -280,7 +300,7 @@ def markdown(res, seeds):
     for r in res["rounds"]:
         for name in ("vanilla", "metarm"):
             m = r[name]
-            rows.append(f"| {fmt(r['round'], 0)} | {name} | {fmt(m['eval/accuracy'], 3)} | {fmt(m['J'], 4)} | "
+            rows.append(f"| {fmt(r['round'], 0)} | {name} | {fmt(m['eval/accuracy'], 3)} | {fmt(m['shift/J'], 4)} | "
                         f"{fmt(m['shift/dr_var'], 4)} | {fmt(m['shift/dr_near_zero'], 3)} | {fmt(m.get('shift/gold_agreement', float('nan')), 3)} |")
     return "\n".join(rows) + "\n"
 
@@ -328,8 +348,8 @@ def save(res, out_dir, seeds):
         f.write(markdown(res, seeds))
 
 
-def main():
-    args = runtime.parse_args(Args, __doc__)
+def main(argv=None):
+    args = runtime.parse_args(Args, __doc__, argv)
     d = runtime.init_distributed()
     if args.aggregate:
         seeds = args.seeds.split()

@@ -28,6 +28,7 @@
 #   SFT_DATA PAIRS EVAL_PAIRS PROMPTS TEST_PROMPTS OOD_PROMPTS OOD_TEST_PROMPTS
 #              individual data files or hub names                     (the files in DATA)
 #   PPO_STEPS  PPO steps per round                                    (20)
+#   META_N     prompts sampled (k = 5 responses each) for each round's meta data; 0: all  (256)
 #   JUDGE      gold | a reward-model folder for the evaluation       (gold)
 #   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS EVAL_ARGS   extra flags for one stage
 #   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (see README)
@@ -41,6 +42,7 @@ META_GRAD=${META_GRAD:-first_order}
 DIST=${DIST:-ddp}
 OOD=${OOD:-0}
 PPO_STEPS=${PPO_STEPS:-20}
+META_N=${META_N:-256}
 JUDGE=${JUDGE:-gold}
 if [ -z "${NPROC:-}" ]; then
   NPROC=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
@@ -99,10 +101,9 @@ for SEED in $SEEDS; do
       --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$SEED" ${PPO_ARGS:-}
   POLICY="$R/sft"
   for K in $(seq 1 "$ROUNDS"); do
-    META_PROMPTS=$([ "$OOD" = 1 ] && echo "$OOD_PROMPTS" || echo "$PROMPTS")
     stage "seed $SEED round $K: sample the meta data from $(basename "$POLICY")" "$R/round$K/meta.jsonl" "$R/round$K/meta.jsonl" \
-      launch ppo.py $COMMON --sample_only --policy_dir "$POLICY" --prompts "$META_PROMPTS" --out "$R/round$K/meta.jsonl" \
-        --seed "$((SEED * 100 + K))" ${SAMPLE_ARGS:-}
+      launch ppo.py $COMMON --sample_only --policy_dir "$POLICY" --prompts "$PROMPTS" --out "$R/round$K/meta.jsonl" \
+        --max_prompts "$META_N" --seed "$((SEED * 100 + K))" ${SAMPLE_ARGS:-}
     stage "seed $SEED round $K: MetaRM ($META_GRAD)" "$R/round$K/rm" "$R/round$K/rm/DONE" \
       launch metarm.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --meta_data "$R/round$K/meta.jsonl" \
         --meta_grad "$META_GRAD" --output_dir "$R/round$K/rm" --seed "$SEED" ${METARM_ARGS:-}

@@ -265,13 +265,6 @@ def adapt(model, tok, meta, args, d):
             p.grad = None
 
 
-@torch.no_grad()
-def mean_J(model, tok, meta, d, max_len):
-    """J averaged over the whole meta data set (the measurement MetaRM is meant to raise)."""
-    r = rm.score_samples(model, tok, meta, d, max_len)
-    return float(difference_loss(r))
-
-
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
     if args.meta_grad != "first_order" and d.world > 1 and d.strategy == "fsdp":
@@ -297,7 +290,6 @@ def train(args):
     examples, enc = rm.encode_pairs(tok, pairs, args.max_len, args.truncate)
     enc.report(args.data)
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
-    eval_examples = rm.encode_pairs(tok, eval_pairs, args.max_len, args.truncate)[0] if eval_pairs else []
     meta = data.load_meta(args.meta_data, args.skip_bad_rows)
     if args.meta_batch % d.world:
         raise runtime.UserError(f"--meta_batch {args.meta_batch} must be divisible by the number "
@@ -317,13 +309,17 @@ def train(args):
     d.print(f"metarm ({args.meta_grad}, eta={args.eta}): {len(examples)} pairs, {len(meta)} meta "
             f"prompts x {len(meta[0][1])} responses, {total} steps")
 
-    def evaluate(step, prefix="eval"):
+    gold = rm.gold_applies([p for p, _, _ in meta])
+
+    def evaluate(step, full=False):
+        """Held-out accuracy and J on the meta data; full=True adds |dr| statistics and gold agreement."""
         model.eval()
-        out = {f"{prefix}/J": mean_J(model, tok, meta, d, args.max_len)}
-        if eval_examples:
-            out[f"{prefix}/accuracy"], out[f"{prefix}/margin"] = rm.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
+        out = rm.measure(model, tok, d, pairs=eval_pairs, meta=meta, gold=gold and full, max_len=args.max_len,
+                         truncate=args.truncate)
         model.train()
-        run.log(step, out)
+        if not full:
+            out = {k: v for k, v in out.items() if k in ("eval/accuracy", "eval/margin", "shift/J")}
+        run.log(step, {k: v for k, v in out.items() if not isinstance(v, list)})
         return out
     if start == 0:
         evaluate(0)
@@ -358,14 +354,12 @@ def train(args):
             run.save_checkpoint(step + 1, {"model": (model, opt)})
 
     # the RM to deploy, its measurements on the meta data (the shifted samples), save, DONE last
-    model.eval()
-    gold = rm.gold_applies([p for p, _, _ in meta])
     summary = {"stage": "metarm", "meta_grad": args.meta_grad, "deploy": args.deploy, "steps": total}
     if args.deploy == "adapted":  # theta's own figures first, for comparison
-        summary.update(evaluate(total, "theta"))
-        summary.update({f"theta/{k}": v for k, v in rm.measure(model, tok, d, meta=meta, gold=gold, max_len=args.max_len).items()})
+        summary.update({f"theta/{k}": v for k, v in evaluate(total, full=True).items()})
         adapt(model, tok, meta, args, d)
-    summary.update({**evaluate(total), **rm.measure(model, tok, d, meta=meta, gold=gold, max_len=args.max_len)})
+    summary.update(evaluate(total, full=True))
+    model.eval()
     stats = rm.reward_stats(model, examples, tok.pad_token_id, d)
     runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
     run.finish({**summary, "reward_stats": stats})
@@ -395,8 +389,8 @@ def mean_over_processes(x):
     return runtime.all_sum(float(x)) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
-def main():
-    args = runtime.parse_args(Args, __doc__)
+def main(argv=None):
+    args = runtime.parse_args(Args, __doc__, argv)
     check(args) if args.check else train(args)
 
 

@@ -419,8 +419,8 @@ def train(args, d):
     run.finish({"stage": "ppo", "steps": args.steps})
 
 
-def main():
-    args = runtime.parse_args(Args, __doc__)
+def main(argv=None):
+    args = runtime.parse_args(Args, __doc__, argv)
     d = runtime.init_distributed(args.strategy, args.precision)
     sample_only(args, d) if args.sample_only else train(args, d)
 

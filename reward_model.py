@@ -205,14 +205,17 @@ def score_samples(model, tok, meta, d, max_len=256):
 
 
 def measure(model, tok, d, pairs=None, meta=None, gold=False, max_len=128, truncate=False):
-    """Every measurement that applies: preference accuracy on pairs, and on samples the
-    reward-difference statistics and, with gold=True (embedded task), gold agreement."""
+    """Every measurement that applies: preference accuracy on pairs; on samples (a meta-data set)
+    J (Eq. 2), the reward-difference statistics and, with gold=True (embedded task), gold
+    agreement. Each sample is scored once."""
     out = {}
     if pairs:
         examples, _ = encode_pairs(tok, pairs, max_len, truncate)
         out["eval/accuracy"], out["eval/margin"] = preference_accuracy(model, examples, tok.pad_token_id, d)
     if meta:
+        from metarm import difference_loss
         r = score_samples(model, tok, meta, d)
+        out["shift/J"] = float(difference_loss(r))
         out.update({f"shift/dr_{k}": v for k, v in difference_stats(r).items()})
         if gold:
             import task
@@ -311,8 +314,8 @@ def train(args):
     run.finish(summary)
 
 
-def main():
-    args = runtime.parse_args(Args, __doc__)
+def main(argv=None):
+    args = runtime.parse_args(Args, __doc__, argv)
     if not args.measure:
         return train(args)
     d = runtime.init_distributed(args.strategy, args.precision)

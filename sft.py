@@ -61,8 +61,7 @@ def collate(examples, pad_id):
     return ids, mask, labels
 
 
-def main():
-    args = runtime.parse_args(Args, __doc__)
+def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
     if runtime.is_done(args.output_dir):
         d.print(f"{args.output_dir} is done (DONE marker present): skipping")
@@ -116,6 +115,10 @@ def main():
     # 4. save the model where the next stage expects it, DONE last
     runtime.save_model(model, tok, args.output_dir, d)
     run.finish({"stage": "sft", "steps": total})
+
+
+def main(argv=None):
+    train(runtime.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":

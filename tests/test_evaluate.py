@@ -1,0 +1,60 @@
+"""evaluate.py: win/tie/lose, Self-BLEU and distinct-n against hand-computed values."""
+import collections
+import math
+import random
+
+import pytest
+
+import evaluate as ev
+from conftest import ROOT  # noqa: F401
+
+
+def test_win_tie_lose_by_hand():
+    a = [2.0, 1.0, 0.5, 0.0, 1.0, 5.0]
+    b = [1.0, 1.05, 0.9, 0.0, 3.0, -1.0]
+    empty_a = [False, False, False, True, False, True]
+    empty_b = [False, False, False, True, True, False]
+    # win (2 > 1), tie (|1 - 1.05| < 0.1), lose, tie (both empty), win (b empty), lose (a empty)
+    got = ev.win_tie_lose(a, b, 0.1, empty_a, empty_b)
+    assert got == pytest.approx({"win": 100 * 2 / 6, "tie": 100 * 2 / 6, "lose": 100 * 2 / 6})
+    assert ev.win_tie_lose([1.0, 2.0], [0.0, 2.05], 0.1) == {"win": 50.0, "tie": 50.0, "lose": 0.0}
+
+
+def test_self_bleu_and_distinct_by_hand():
+    texts = ["the cat sat", "the cat ran", "a dog sat"]
+    # BLEU-2 of each against the other two (p1, p2, brevity penalty 1):
+    #   "the cat sat": p1 = 3/3, p2 = 1/2                 -> sqrt(1/2)
+    #   "the cat ran": p1 = 2/3, p2 = 1/2                 -> sqrt(1/3)
+    #   "a dog sat":   p1 = 1/3, p2 = 0 -> 0.1/2 (smoothed) -> sqrt(1/3 * 0.05)
+    want = (math.sqrt(0.5) + math.sqrt(1 / 3) + math.sqrt(0.05 / 3)) / 3
+    assert ev.self_bleu(texts, 2) == pytest.approx(want, rel=1e-12)
+    assert ev.distinct(texts, 1) == pytest.approx(6 / 9)  # the, cat, sat twice; ran, a, dog once
+    assert ev.distinct(texts, 2) == pytest.approx(5 / 6)  # "the cat" twice
+
+
+def slow_self_bleu(texts, max_n):
+    """Self-BLEU the obvious way: each text against the list of all the others."""
+    toks = [t.split() for t in texts]
+    total = 0.0
+    for i, hyp in enumerate(toks):
+        refs = toks[:i] + toks[i + 1:]
+        log_p = 0.0
+        for n in range(1, max_n + 1):
+            grams = collections.Counter(tuple(hyp[j:j + n]) for j in range(len(hyp) - n + 1))
+            clipped = 0
+            for g, c in grams.items():
+                best = max(sum(1 for j in range(len(r) - n + 1) if tuple(r[j:j + n]) == g) for r in refs)
+                clipped += min(c, best)
+            log_p += math.log((clipped or 0.1) / max(1, sum(grams.values()))) / max_n
+        r = min(refs, key=lambda x: (abs(len(x) - len(hyp)), len(x)))
+        bp = 1.0 if len(hyp) > len(r) else math.exp(1 - len(r) / max(len(hyp), 1))
+        total += bp * math.exp(log_p)
+    return total / len(toks)
+
+
+def test_self_bleu_against_the_obvious_loop():
+    rng = random.Random(0)
+    words = "a b c the cat sat on mat dog ran".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 10))) for _ in range(25)]
+    for n in (2, 3, 4, 5):
+        assert ev.self_bleu(texts, n) == pytest.approx(slow_self_bleu(texts, n), rel=1e-12)
