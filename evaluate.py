@@ -212,6 +212,9 @@ def evaluate(args, d):
     if R > 1 and os.path.isdir(one_round):
         policies["vanilla_ppo_1round"] = one_round
     policies.update({f"round{k}": f"{run}/round{k}/ppo" for k in range(1, R + 1)})
+    if args.judge == "gold" and not rm.gold_applies(prompts):
+        raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
+                                "prompts: pass --judge <a reward-model folder> (iterate.sh: JUDGE=...)")
     judge = Judge(args.judge, d)
     texts, scores, empty = {}, {}, {}
     for name, path in runtime.progress(policies.items(), d, desc="evaluate", total=len(policies)):

@@ -153,23 +153,54 @@ def first_order(model, X_t, X_s, k, eta):
     back-propagate L at theta', restore theta. Works on sharded (FSDP2) parameters, each process
     perturbing and restoring its own shard, and with gradient checkpointing (the recomputation in
     backward sees theta', which is what the parameters hold)."""
-    theta = [p for p in model.parameters() if p.requires_grad]
+    theta = trainable(model)
     backup = [p.detach().clone() for p in theta]
     J_theta = J(model, X_s, k)
     J_theta.backward()                         # grad J(theta), averaged over processes by DDP/FSDP
-    grad_J = [p.grad for p in theta]
-    with torch.no_grad():
-        for p, g in zip(theta, grad_J):
-            p.add_(g, alpha=eta)               # theta' = theta + eta grad J(theta)        (Eq. 3)
-            p.grad = None
+    grad_J = taken_grads(theta)
+    add_(theta, grad_J, eta)                   # theta' = theta + eta grad J(theta)        (Eq. 3)
     L_value = L(model, X_t)
     L_value.backward()                         # grad L(theta')                            (Eq. 4)
-    grad = [p.grad for p in theta]
-    with torch.no_grad():
-        for p, b in zip(theta, backup):
-            p.copy_(b)                         # theta again, bit for bit
-            p.grad = None
+    grad = taken_grads(theta)
+    copy_(theta, backup)                       # theta again, bit for bit
     return grad, dict(J=J_theta.detach(), L=L_value.detach(), grad_J=grad_J, grad_L=grad)
+
+
+def trainable(model):
+    """theta: the trainable parameters. Under FSDP2 these are the sharded parameters; a module
+    left unsharded by a forward pass (the root keeps its weights gathered) is resharded first,
+    so that what we perturb and restore is each process's shard."""
+    return [p for p in runtime.reshard(model).parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def add_(params, tensors, alpha):
+    """params += alpha * tensors, in place, on each process's own shard under FSDP2."""
+    for p, t in zip(params, tensors):
+        p, t = local(p), local(t)
+        if p.numel():  # an empty FSDP2 shard has nothing to update
+            p.add_(t, alpha=alpha)
+
+
+@torch.no_grad()
+def copy_(params, tensors):
+    for p, t in zip(params, tensors):
+        if local(p).numel():
+            local(p).copy_(local(t))
+
+
+def local(t):
+    """The tensor this process holds: its shard of an FSDP2 DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def taken_grads(params):
+    """The parameters' .grad, cleared from them. An FSDP2 shard that holds no rows of a small
+    tensor (a one-row score head split over two processes) gets no gradient: zeros then."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,17 +283,14 @@ def adapt(model, tok, meta, args, d):
     """theta <- theta + eta grad J(theta; S), in place, with grad J averaged over all of S: the
     meta-process once more, on the whole meta data, so that the saved RM is the adapted one.
     Every process takes its share of each global meta batch, as in training."""
-    theta = [p for p in model.parameters() if p.requires_grad]
+    theta = trainable(model)
     n_batches = math.ceil(len(meta) / args.meta_batch)
     for b in range(n_batches):
         rows = [meta[i] for i in runtime.batch_indices(len(meta), args.meta_batch, b, args.seed + 2, d)]
         X_s, k = meta_batch(tok, rows, args.max_len, d.device)
         with runtime.autocast(d):
             (J(model, X_s, k) / n_batches).backward()
-    with torch.no_grad():
-        for p in theta:
-            p.add_(p.grad, alpha=args.eta)
-            p.grad = None
+    add_(theta, taken_grads(theta), args.eta)
 
 
 def train(args):
@@ -299,7 +327,7 @@ def train(args):
     model = runtime.wrap(rm.load_reward_model(args.init_rm or args.sft_dir, tok), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    theta = [p for p in model.parameters() if p.requires_grad]
+    theta = trainable(model)
     total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -368,19 +396,16 @@ def train(args):
 @torch.no_grad()
 def J_after_ascent(model, X_s, k, eta, grad_J):
     """J(theta') for the log: ascend in place, one forward pass, restore theta."""
-    theta = [p for p in model.parameters() if p.requires_grad]
+    theta = trainable(model)
     backup = [p.detach().clone() for p in theta]
-    for p, g in zip(theta, grad_J):
-        p.add_(g, alpha=eta)
+    add_(theta, grad_J, eta)
     value = J(model, X_s, k)
-    for p, b in zip(theta, backup):
-        p.copy_(b)
+    copy_(theta, backup)
     return value
 
 
 def dot(a, b):
     """sum_i <a_i, b_i> over two lists of (full or FSDP2-sharded) tensors."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     total = sum(float((local(x).double() * local(y).double()).sum()) for x, y in zip(a, b))
     return runtime.all_sum(total) if any(hasattr(t, "to_local") for t in a) else total
 

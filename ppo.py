@@ -231,6 +231,8 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
     if args.whiten_advantages:
         adv = masked_whiten(adv, rmask.float())
     policy.train()
+    runtime.reshard(policy)
+    runtime.reshard(critic)
     return dict(query=query, qmask=qmask, response=response, rmask=rmask, logp=logp, values=values,
                 adv=adv, returns=returns, score=score, shaped=shaped, kl=kl, ended=ended.float())
 
@@ -289,16 +291,15 @@ def same_prompt_stats(score, k):
 def sample_meta(policy, tok, prompts, k, sampling, d, batch=128):
     """k responses for every prompt; each process samples a share, every process gets all."""
     enc = data.Encoder(tok, 10**9)
-    mine = list(range(d.rank, len(prompts), d.world))
-    per = max(1, batch // k)
     out = {}
-    for i in runtime.progress(range(0, len(mine), per), d, desc="sample"):
-        chunk = mine[i:i + per]
-        ids = [enc.prompt(prompts[j]) for j in chunk for _ in range(k)]
+    batches = list(runtime.shard_batches(len(prompts), max(1, batch // k), d))
+    for idx, real in runtime.progress(batches, d, desc="sample"):
+        ids = [enc.prompt(prompts[j]) for j in idx for _ in range(k)]
         _, response = runtime.generate(policy, tok, ids, sampling, d)
         texts = runtime.decode_responses(tok, response)
-        for n, j in enumerate(chunk):
-            out[j] = texts[n * k:(n + 1) * k]
+        if real:
+            for n, j in enumerate(idx):
+                out[j] = texts[n * k:(n + 1) * k]
     if d.world > 1:
         import torch.distributed as dist
         parts = [None] * d.world
@@ -368,8 +369,6 @@ def train(args, d):
     ref = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
     reward = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
     critic = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
-    for frozen in (ref, reward):
-        frozen.requires_grad_(False)
     popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)
     copt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)

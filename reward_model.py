@@ -132,10 +132,12 @@ def pair_batch(examples, pad_id, device):
 def score_sequences(model, seqs, pad_id, d, batch=64):
     """Rewards of a list of token-id lists; every process scores a share, all get all of them."""
     out = torch.zeros(len(seqs), dtype=torch.float64)
-    for i in range(d.rank * batch, len(seqs), d.world * batch):
-        ids, mask = data.pad(seqs[i:i + batch], pad_id)
+    for idx, real in runtime.shard_batches(len(seqs), batch, d):
+        ids, mask = data.pad([seqs[i] for i in idx], pad_id)
         with runtime.autocast(d):
-            out[i:i + len(ids)] = rewards(model, ids.to(d.device), mask.to(d.device)).double().cpu()
+            r = rewards(model, ids.to(d.device), mask.to(d.device)).double().cpu()
+        if real:
+            out[idx] = r
     return runtime.all_sum(out) if d.world > 1 else out
 
 

@@ -148,22 +148,37 @@ def decoder_layers(model):
 
 
 def wrap(model, d, trainable=True, gradient_checkpointing=False):
-    """Move a model to the device and wrap it for d.strategy; frozen models are only sharded."""
+    """Move a model to its device and wrap it for d.strategy. Trainable models: DDP, or FSDP2
+    (each decoder layer, then the whole model) with bf16 compute and fp32 gradient reduction on
+    GPU; frozen models: sharded under FSDP2, stored in bf16 on GPU, never wrapped in DDP."""
     hf = getattr(model, "hf", model)
-    if gradient_checkpointing:
+    if not trainable:
+        model.requires_grad_(False)
+        if d.bf16:
+            model.to(torch.bfloat16)
+    elif gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = model.to(d.device)
     if d.world > 1 and d.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if d.bf16 else None,
-                                  reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if d.bf16 else None, reduce_dtype=torch.float32)
         for layer in decoder_layers(hf):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-        return model.to(d.device)
-    model = model.to(d.device)
+        return model
     if d.world > 1 and trainable:
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model
+
+
+def reshard(model):
+    """Under FSDP2 a forward pass without backward leaves the root's weights gathered, and
+    model.parameters() then lists the gathered tensors, not the sharded parameters that the
+    optimizer holds: reshard so that the parameters are the shards again. No-op otherwise."""
+    for m in model.modules():
+        if hasattr(m, "reshard"):
+            m.reshard()
     return model
 
 
@@ -192,6 +207,17 @@ def grad_sync(model, enabled):
         yield
 
 
+def shard_batches(n, batch, d):
+    """This process's share of n items in batches, the same number of batches on every process
+    (FSDP2 gathers weights in every forward, so every process must run as many): a process
+    that runs out gets ([0], False) batches, to run and discard. Yields (indices, real)."""
+    per = -(-n // d.world)
+    mine = list(range(d.rank * per, min(n, (d.rank + 1) * per)))
+    for b in range(-(-per // batch)):
+        idx = mine[b * batch:(b + 1) * batch]
+        yield (idx, True) if idx else ([0], False)
+
+
 def micro_batches(rows, size):
     return [rows[i:i + size] for i in range(0, len(rows), size)] if size > 0 else [rows]
 
@@ -209,7 +235,7 @@ def set_lr(opt, peak, step, total, warmup):
 
 def clip_grad_norm(model, max_norm):
     """Clip and return the global gradient norm (works on DTensor shards under FSDP2 too)."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in reshard(model).parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
@@ -339,6 +365,8 @@ class Run:
         return any(os.path.exists(os.path.join(self.ckpt + s, "state.json")) for s in ("", ".old"))
 
     def log(self, step, metrics):
+        if torch.cuda.is_available():
+            metrics = {**metrics, "mem/peak_gb": torch.cuda.max_memory_allocated() / 2**30}
         if self.d.main:
             row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v)
                                     for k, v in metrics.items()}}

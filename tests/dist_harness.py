@@ -1,0 +1,123 @@
+"""Run by test_distributed.py as one process or under torchrun (DDP or FSDP2): a few steps of
+every stage through its real entry point, with the same global batches, so that the logged
+losses can be compared across world sizes; one PPO update on fixed roll-outs; and a checkpoint
+written at one world size and read at another.
+
+    python tests/dist_harness.py single OUT MICRO_ROOT
+    torchrun --nproc_per_node 2 tests/dist_harness.py fsdp OUT MICRO_ROOT
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import metarm  # noqa: E402
+import ppo  # noqa: E402
+import reward_model as rm  # noqa: E402
+import runtime  # noqa: E402
+import sft  # noqa: E402
+
+
+def stages(strategy, out, micro):
+    s = ["--strategy", "ddp" if strategy == "single" else strategy]
+    d = micro["data"]
+    sft.main(["--model_name_or_path", micro["base"], "--data", f"{d}/sft.jsonl", "--output_dir", f"{out}/sft",
+              "--max_steps", "3", "--global_batch", "8", *s])
+    rm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
+             "--output_dir", f"{out}/rm", "--max_steps", "3", "--global_batch", "8", *s])
+    modes = ["first_order"] + (["exact", "taylor"] if strategy != "fsdp" else [])
+    if strategy == "fsdp":  # the second-order forms must refuse, with the reason
+        try:
+            metarm.main(["--meta_data", micro["meta"], "--meta_grad", "exact", "--output_dir", f"{out}/refused", *s])
+        except runtime.UserError as e:
+            with open(f"{out}/refused.txt", "w") as f:
+                f.write(str(e))
+    for mode in modes:
+        metarm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
+                     "--meta_data", micro["meta"], "--output_dir", f"{out}/metarm_{mode}", "--meta_grad", mode,
+                     "--max_steps", "3", "--global_batch", "8", "--meta_batch", "4", *s])
+
+
+def ppo_update(strategy, out, micro, d):
+    """Roll-outs of one global batch, the same on every process (identical weights and seed),
+    each process keeping its share; then one PPO update (2 epochs, one mini-batch each)."""
+    args = runtime.parse_args(ppo.Args, "", ["--ppo_epochs", "2", "--mini_batches", "1", "--max_new_tokens", "12",
+                                             "--strategy", "ddp" if strategy == "single" else strategy])
+    tok = runtime.load_tokenizer(micro["sft"])
+    policy = runtime.wrap(runtime.load_causal_lm(micro["sft"], tok), d)
+    ref = runtime.wrap(runtime.load_causal_lm(micro["sft"], tok), d, trainable=False)
+    reward = runtime.wrap(rm.load_reward_model(micro["rm"], tok), d, trainable=False)
+    critic = runtime.wrap(rm.load_reward_model(micro["rm"], tok), d)
+    popt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    copt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+    enc = data.Encoder(tok, 64)
+    prompts = [(enc.prompt(p), p) for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")[:8]]
+    torch.manual_seed(0)
+    batch = ppo.rollout(policy, ref, reward, critic, tok, prompts, args, {"mean": 0.0, "std": 1.0}, 0.05,
+                        d, ppo.Timer())  # every process: the whole batch (whitening sees it W times: same)
+    n = len(prompts) // d.world
+    share = {k: v[d.rank * n:(d.rank + 1) * n] for k, v in batch.items()}
+    metrics = ppo.ppo_update(policy, critic, popt, copt, share, args, d)
+    if d.main:
+        with open(f"{out}/ppo_update.json", "w") as f:
+            json.dump(metrics, f)
+
+
+def checkpoint(strategy, out, micro, d):
+    """Save model + optimizer after one step; load the checkpoint another world size saved and
+    compare it with the full weights that world size recorded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def fresh():
+        tok = runtime.load_tokenizer(micro["base"])
+        model = runtime.wrap(runtime.load_causal_lm(micro["base"], tok), d)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = fresh()
+    ids = torch.arange(3, 19).view(2, 8)
+    (model(input_ids=ids).logits.float().pow(2).mean() * d.world).backward()
+    opt.step()
+    opt.zero_grad()
+    args = runtime.parse_args(sft.Args, "", [])
+    run = runtime.Run(f"{out}/ckpt", args, d)
+    run.save_checkpoint(1, {"model": (model, opt)})
+    weights = get_model_state_dict(model, options=full)
+    if d.main:
+        torch.save(weights, f"{out}/ckpt/full.pt")
+    other = micro.get("other_ckpt")
+    if other:  # written at the other world size: reload it here
+        model, opt = fresh()
+        runtime.Run(other, args, d).load_checkpoint({"model": (model, opt)})
+        got, want = get_model_state_dict(model, options=full), torch.load(f"{other}/full.pt")
+        if d.main:
+            worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+            with open(f"{out}/reload.json", "w") as f:
+                json.dump({"max_abs_diff": worst, "keys": len(want)}, f)
+
+
+def main():
+    strategy, out, micro_json = sys.argv[1:4]
+    with open(micro_json) as f:
+        micro = json.load(f)
+    d = runtime.init_distributed("ddp" if strategy == "single" else strategy)
+    if d.main:
+        os.makedirs(out, exist_ok=True)
+    runtime.barrier()
+    stages(strategy, out, micro)
+    ppo_update(strategy, out, micro, d)
+    checkpoint(strategy, out, micro, d)
+    if d.world > 1:
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in
+                    runtime.wrap(runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"])), d).parameters())
+        sizes = [None] * d.world
+        torch.distributed.all_gather_object(sizes, local)
+        if d.main:
+            with open(f"{out}/shard_sizes.json", "w") as f:
+                json.dump(sizes, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Two CPU processes (gloo) under torchrun, with DDP and with FSDP2, against one process with
+the same global batches: every stage logs the same losses (relative tolerance 1e-4: only the
+order of floating-point sums differs), a first_order meta-step updates the parameters alike,
+a PPO update on fixed roll-outs gives the same losses, checkpoints reload across world sizes,
+and FSDP2 holds half of the parameters on each process."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import ppo
+import runtime
+from conftest import ROOT, metrics, run_script
+
+REL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(micro, micro_sft, micro_rm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    meta = str(root / "meta.jsonl")
+    ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+              "--k", "3", "--max_prompts", "16", "--out", meta, "--max_new_tokens", "12"])
+    info = {"base": micro["base"], "sft": micro_sft, "rm": micro_rm, "data": micro["data"], "meta": meta}
+    out = {}
+    for name, nproc in (("single", 1), ("ddp", 2), ("fsdp", 2)):
+        cfg = str(root / f"{name}.json")
+        with open(cfg, "w") as f:
+            json.dump({**info, "other_ckpt": str(root / "single" / "ckpt") if name != "single" else None}, f)
+        out[name] = str(root / name)
+        run_script("tests/dist_harness.py", name, out[name], cfg, nproc=nproc)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage,key", [("sft", "train/loss"), ("rm", "train/loss"), ("metarm_first_order", "train/L"),
+                                       ("metarm_exact", "train/L"), ("metarm_taylor", "train/L")])
+def test_stage_losses_match_one_process(runs, strategy, stage, key):
+    if strategy == "fsdp" and stage in ("metarm_exact", "metarm_taylor"):
+        pytest.skip("exact and taylor refuse FSDP2 (test_second_order_forms_refuse_fsdp)")
+    one = [r[key] for r in metrics(os.path.join(runs["single"], stage)) if key in r]
+    two = [r[key] for r in metrics(os.path.join(runs[strategy], stage)) if key in r]
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=REL)
+    if stage.startswith("metarm"):
+        J1 = [r["meta/J"] for r in metrics(os.path.join(runs["single"], stage)) if "meta/J" in r]
+        J2 = [r["meta/J"] for r in metrics(os.path.join(runs[strategy], stage)) if "meta/J" in r]
+        assert J2 == pytest.approx(J1, rel=REL)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_first_order_updates_parameters_alike(runs, strategy):
+    from safetensors.torch import load_file
+    one = load_file(os.path.join(runs["single"], "metarm_first_order", "model.safetensors"))
+    two = load_file(os.path.join(runs[strategy], "metarm_first_order", "model.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_update_matches_one_process(runs, strategy):
+    with open(os.path.join(runs["single"], "ppo_update.json")) as f:
+        one = json.load(f)
+    with open(os.path.join(runs[strategy], "ppo_update.json")) as f:
+        two = json.load(f)
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=REL, abs=1e-7), k
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_from_one_process_reloads_in_two(runs, strategy):
+    with open(os.path.join(runs[strategy], "reload.json")) as f:
+        r = json.load(f)
+    assert r["keys"] > 0 and r["max_abs_diff"] < 1e-7
+
+
+def test_checkpoint_from_two_processes_reloads_in_one(runs, micro):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    import sft
+    tok = runtime.load_tokenizer(micro["base"])
+    model = runtime.load_causal_lm(micro["base"], tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    path = os.path.join(runs["fsdp"], "ckpt")
+    state = runtime.Run(path, runtime.parse_args(sft.Args, "", []), runtime.Dist()).load_checkpoint({"model": (model, opt)})
+    assert state["step"] == 1
+    want = torch.load(os.path.join(path, "full.pt"))
+    got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert len(opt.state) > 0  # the optimizer state came back too
+
+
+def test_fsdp_holds_half_the_parameters_per_process(runs, micro):
+    with open(os.path.join(runs["fsdp"], "shard_sizes.json")) as f:
+        sizes = json.load(f)
+    total = sum(p.numel() for p in runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"])).parameters())
+    assert sum(sizes) >= total and max(sizes) <= total / 2 + 1000  # dim-0 sharding pads a few rows
+
+
+def test_second_order_forms_refuse_fsdp(runs):
+    with open(os.path.join(runs["fsdp"], "refused.txt")) as f:
+        message = f.read()
+    assert "first_order" in message and "FSDP2" in message
