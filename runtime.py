@@ -365,8 +365,12 @@ class Run:
         return any(os.path.exists(os.path.join(self.ckpt + s, "state.json")) for s in ("", ".old"))
 
     def log(self, step, metrics):
-        if torch.cuda.is_available():
-            metrics = {**metrics, "mem/peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+        now = time.time()
+        metrics = {**metrics, "time/since_last_log_s": now - getattr(self, "_last", self.t0)}
+        self._last = now
+        if torch.cuda.is_available():  # allocated between steps: weights + optimizer state
+            metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["mem/allocated_gb"] = torch.cuda.memory_allocated() / 2**30
         if self.d.main:
             row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v)
                                     for k, v in metrics.items()}}

@@ -1,0 +1,88 @@
+"""bench_stages.py: step time and memory of every stage on this machine (CPU or GPU).
+
+Builds a task (the embedded tiny model, or a larger randomly initialised Llama with --hidden
+etc.), runs each stage for a few steps in its own process, and prints, from the stages' own
+logs, the median step time and, on GPU, the peak memory and the memory held between steps
+(weights and optimizer state). With --larger it is the small-scale check of the README's
+memory plan: PPO with its four models of N parameters each.
+
+    python bench_stages.py                                   # the tiny default
+    python bench_stages.py --hidden 2048 --layers 16 --intermediate 5504 --heads 16 --only ppo
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import task
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(*argv):
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"{' '.join(argv)} failed:\n{p.stderr[-3000:]}")
+
+
+def summary(run_dir, key):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if key in line][1:]  # the first step warms up
+    t = statistics.median(r["time/since_last_log_s"] for r in rows)
+    peak = max((r.get("mem/peak_gb", float("nan")) for r in rows), default=float("nan"))
+    held = statistics.median(r.get("mem/allocated_gb", float("nan")) for r in rows)
+    return len(rows) + 1, t, peak, held
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default="sft,rm,metarm_first_order,metarm_exact,ppo")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    out = args.out or tempfile.mkdtemp()
+    data, base = f"{out}/task/data", f"{out}/task/base_model"
+    if not os.path.exists(base):
+        task.build_data(data, seed=0)
+        task.build_base_model(data, base, hidden_size=args.hidden, num_layers=args.layers,
+                              intermediate_size=args.intermediate, num_heads=args.heads)
+    steps = ["--max_steps", str(args.steps)]
+    only = args.only.split(",")
+    jobs = {
+        "sft": ["sft.py", "--model_name_or_path", base, "--data", f"{data}/sft.jsonl", "--output_dir", f"{out}/sft", *steps],
+        "rm": ["reward_model.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
+               "--eval_data", "", "--output_dir", f"{out}/rm", *steps],
+        "sample": ["ppo.py", "--sample_only", "--policy_dir", f"{out}/sft", "--prompts", f"{data}/prompts_train.jsonl",
+                   "--max_prompts", "64", "--out", f"{out}/meta.jsonl"],
+        "metarm_first_order": ["metarm.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
+                               "--eval_data", "", "--meta_data", f"{out}/meta.jsonl", "--output_dir",
+                               f"{out}/metarm_first_order", "--eval_every", "100000", *steps],
+        "metarm_exact": ["metarm.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl", "--eval_data", "",
+                         "--meta_data", f"{out}/meta.jsonl", "--output_dir", f"{out}/metarm_exact",
+                         "--meta_grad", "exact", "--eval_every", "100000", *steps],
+        "ppo": ["ppo.py", "--policy_dir", f"{out}/sft", "--rm_dir", f"{out}/rm", "--prompts", f"{data}/prompts_train.jsonl",
+                "--output_dir", f"{out}/ppo", "--steps", str(args.steps)],
+    }
+    wanted = {"sft", "rm"} | set(only) | ({"sample"} if any(o.startswith("metarm") for o in only) else set())
+    order = [k for k in jobs if k in wanted]  # sft and rm always: the later stages start from them
+    keys = {"sft": "train/loss", "rm": "train/loss", "metarm_first_order": "train/L", "metarm_exact": "train/L",
+            "ppo": "ppo/policy/loss"}
+    print(f"model: hidden {args.hidden}, {args.layers} layers; {args.steps} steps per stage\n")
+    print("| stage | steps | median step (s) | peak memory (GiB) | held between steps (GiB) |")
+    print("|---|---|---|---|---|")
+    for k in order:
+        run(*jobs[k])
+        if k in keys and k in only:
+            s, t, peak, held = summary(f"{out}/{k}", keys[k])
+            print(f"| {k} | {s} | {t:.3f} | {peak:.2f} | {held:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
