@@ -183,10 +183,14 @@ def test_forms_converge_at_the_predicted_rates():
 # --- a short MetaRM run on the embedded task -------------------------------------------------
 def test_short_run_raises_J_and_keeps_accuracy(micro, micro_sft, tmp_path):
     """MetaRM against the vanilla RM (eta = 0 is exactly vanilla training) on the same pairs:
-    J on the meta data is higher, held-out accuracy within 2 points. The pairs are the gold
-    judge's clear preferences (a micro model learns them in a few steps; see
-    test_reward_model.py), the meta data four samples per prompt of the micro SFT model."""
+    J on the meta data is higher and held-out accuracy within 2 points, averaged over three
+    training seeds. The pairs are the gold judge's clear preferences (a micro model learns them
+    in a few steps; see test_reward_model.py), the meta data four samples per prompt of the micro
+    SFT model. One seed is not enough: seed to seed, the vanilla RM's own J moves by about 0.04
+    and its accuracy by about 2 points, as much as MetaRM's effect at this eta (README, "Does
+    MetaRM help?"); at larger eta MetaRM raises J more and costs more accuracy."""
     import json
+    import statistics
     import runtime
     from conftest import run_script
     from test_reward_model import clear_pairs
@@ -194,16 +198,21 @@ def test_short_run_raises_J_and_keeps_accuracy(micro, micro_sft, tmp_path):
     meta = str(tmp_path / "meta.jsonl")
     run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
                "--k", "4", "--max_prompts", "64", "--out", meta, "--max_new_tokens", "24")
-    result = {}
-    for name, extra in [("vanilla", ["--eta", "0"]), ("first_order", ["--eta", "0.25"]), ("exact", ["--meta_grad", "exact", "--eta", "0.25"])]:
-        out = str(tmp_path / name)
-        metarm.main(["--sft_dir", micro_sft, "--data", train, "--eval_data", test, "--meta_data", meta,
-                     "--output_dir", out, "--epochs", "2", "--global_batch", "16", "--lr", "3e-3", *extra])
-        with open(f"{out}/DONE") as f:
-            result[name] = json.load(f)
-        assert runtime.is_done(out)
-    print({k: (v["shift/J"], v["eval/accuracy"]) for k, v in result.items()})
+    runs = {"vanilla": ["--eta", "0"], "first_order": ["--eta", "0.1"], "exact": ["--meta_grad", "exact", "--eta", "0.1"]}
+    result = {name: [] for name in runs}
+    for seed in ("1", "2", "3"):
+        for name, extra in runs.items():
+            out = str(tmp_path / f"{name}_{seed}")
+            metarm.main(["--sft_dir", micro_sft, "--data", train, "--eval_data", test, "--meta_data", meta,
+                         "--output_dir", out, "--epochs", "2", "--global_batch", "16", "--lr", "3e-3",
+                         "--seed", seed, *extra])
+            assert runtime.is_done(out)
+            with open(f"{out}/DONE") as f:
+                final = json.load(f)
+            result[name].append((final["shift/J"], final["eval/accuracy"]))
+    J = {name: statistics.mean(j for j, _ in r) for name, r in result.items()}
+    acc = {name: statistics.mean(a for _, a in r) for name, r in result.items()}
     for name in ("first_order", "exact"):
-        assert result[name]["shift/J"] > result["vanilla"]["shift/J"], (name, result[name]["shift/J"], result["vanilla"]["shift/J"])
-        assert abs(result[name]["eval/accuracy"] - result["vanilla"]["eval/accuracy"]) <= 0.02
-    assert result["vanilla"]["eval/accuracy"] > 0.7
+        assert J[name] > J["vanilla"], (name, result)
+        assert abs(acc[name] - acc["vanilla"]) <= 0.02, (name, result)
+    assert acc["vanilla"] > 0.7, result
