@@ -53,6 +53,31 @@ class Args:
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
 
 
+# The fields of results.json (the README's table lists the same). With several seeds every number
+# becomes {"mean": ..., "std": ...}.
+RESULT_FIELDS = {
+    "config": "rounds, prompts (number of test prompts), judge, tie_margin",
+    "judge_mean": "mean judge score on the test prompts of each policy: sft, vanilla_ppo, "
+                  "vanilla_ppo_1round (when rounds > 1), round1 .. roundR",
+    "table1": "Table 1: per round, {round, win, tie, lose} of pi_k against SFT, in % of prompts",
+    "table2": "Table 2: best_round (most wins minus losses against SFT) and its win/tie/lose vs_sft, "
+              "vs_vanilla_ppo (as many PPO steps as all rounds), vs_vanilla_ppo_1round; "
+              "vanilla_ppo_vs_sft",
+    "table3": "Table 3: per response set (raw_data, then each policy) self_bleu (mean of n = 2..5), "
+              "self_bleu_2 .. self_bleu_5, distinct_1, distinct_2",
+    "rounds": "Figures 4 and 5: per round, {round, metarm, vanilla, ppo_gold}; metarm and vanilla "
+              "hold that RM's eval/accuracy and eval/margin (held-out pairs) and, on the round's "
+              "meta data, shift/J, shift/dr_var, shift/dr_mean_abs, shift/dr_near_zero, shift/dr_hist, "
+              "shift/gold_agreement, shift/gold_pairs; ppo_gold: the gold score per step of the round's PPO",
+    "figure1": "Figure 1: per PPO run (vanilla_ppo, round1 ..), [step, variance of same-prompt reward "
+               "differences]",
+    "figure4": "Figure 4: per RM (vanilla, round1 ..), [step, held-out accuracy] during training",
+    "ppo_curves": "per PPO run, gold and score: [step, mean gold score / RM score of the roll-outs]",
+}
+ROUND_RM_FIELDS = ("eval/accuracy", "eval/margin", "shift/J", "shift/dr_var", "shift/dr_mean_abs",
+                   "shift/dr_near_zero", "shift/dr_hist", "shift/gold_agreement", "shift/gold_pairs")
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics, each small enough to check by hand
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +290,7 @@ def pool(results):
     first = results[0]
     if isinstance(first, dict):
         return {k: pool([r[k] for r in results]) for k in first if all(k in r for r in results)}
-    if isinstance(first, list) and first and not isinstance(first[0], (int, float)):
+    if isinstance(first, list):  # tables, curves [[step, value], ...], histograms: element by element
         return [pool(list(x)) for x in zip(*results)]
     if isinstance(first, (int, float)) and not isinstance(first, bool):
         m = sum(results) / len(results)
