@@ -60,7 +60,8 @@ RESULT_FIELDS = {
     "judge_mean": "mean judge score on the test prompts of each policy: sft, vanilla_ppo, "
                   "vanilla_ppo_1round (when rounds > 1), round1 .. roundR",
     "table1": "Table 1: per round, {round, win, tie, lose} of pi_k against SFT, in % of prompts",
-    "table2": "Table 2: best_round (most wins minus losses against SFT) and its win/tie/lose vs_sft, "
+    "table2": "Table 2: best_round (most wins minus losses against SFT; with several seeds, the list of "
+              "each seed's) and its win/tie/lose vs_sft, "
               "vs_vanilla_ppo (as many PPO steps as all rounds), vs_vanilla_ppo_1round; "
               "vanilla_ppo_vs_sft",
     "table3": "Table 3: per response set (raw_data, then each policy) self_bleu (mean of n = 2..5), "
@@ -301,7 +302,8 @@ def pool(results):
 
 def fmt(x, digits=1):
     if isinstance(x, dict) and "mean" in x:
-        return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}" if x["std"] else f"{x['mean']:.{digits}f}"
+        spread = x["std"] > 1e-9 * max(1.0, abs(x["mean"]))  # identical over seeds: no "± 0.000"
+        return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}" if spread else f"{x['mean']:.{digits}f}"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
@@ -312,7 +314,9 @@ def markdown(res, seeds):
              "| opponent vs SFT | win | tie | lose |", "|---|---|---|---|"]
     rows += [f"| round {fmt(r['round'], 0)} " + t(r) for r in res["table1"]]
     t2 = res["table2"]
-    rows += ["", f"## Table 2: the best round (round {fmt(t2['best_round'], 0)}) against the baselines", "",
+    best = t2["best_round"]
+    best = f"round {best}" if isinstance(best, int) else "per seed: round " + ", ".join(map(str, best))
+    rows += ["", f"## Table 2: the best round ({best}) against the baselines", "",
              "| opponent | win | tie | lose |", "|---|---|---|---|", "| SFT " + t(t2["vs_sft"]),
              "| vanilla PPO (all rounds' steps) " + t(t2["vs_vanilla_ppo"])]
     if "vs_vanilla_ppo_1round" in t2:
@@ -386,6 +390,7 @@ def main(argv=None):
             with open(os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")) as f:
                 results.append(json.load(f))
         res = pool(results)
+        res["table2"]["best_round"] = [r["table2"]["best_round"] for r in results]  # a round, not a number to average
         label = f"seeds {', '.join(seeds)}: mean ± standard deviation" if len(seeds) > 1 else f"seed {seeds[0]}"
         save(res, args.aggregate, label)
         figures(results[0], args.aggregate)

@@ -35,6 +35,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+if [ -n "${PRESET:-}" ]; then  # a preset sets what the environment has not; the defaults below fill the rest
+  [ -f "presets/$PRESET.sh" ] || { echo "iterate.sh: no preset presets/$PRESET.sh"; exit 2; }
+  source "presets/$PRESET.sh"
+fi
 RUN_DIR=${RUN_DIR:-runs/default}
 ROUNDS=${ROUNDS:-3}
 SEEDS=${SEEDS:-1}
@@ -49,10 +53,6 @@ if [ -z "${NPROC:-}" ]; then
   [ "$NPROC" -gt 0 ] || NPROC=1
 fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the default run never touches the network
-if [ -n "${PRESET:-}" ]; then
-  [ -f "presets/$PRESET.sh" ] || { echo "iterate.sh: no preset presets/$PRESET.sh"; exit 2; }
-  source "presets/$PRESET.sh"
-fi
 
 DATA=${DATA:-$RUN_DIR/task/data}
 MODEL=${MODEL:-$RUN_DIR/task/base_model}

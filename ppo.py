@@ -21,7 +21,7 @@ critic V, initialised from the reward model and read at every response token. On
     torchrun --nproc_per_node 2 ppo.py                     # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 ppo.py --strategy fsdp --policy_dir runs/7b/sft \\
         --rm_dir runs/7b/rm --prompts Anthropic/hh-rlhf --policy_lr 5e-7 --critic_lr 1.5e-6 \\
-        --queries 32 --rollouts_per_query 16 --temperature 0.8 --top_p 0.9 \\
+        --queries 8 --rollouts_per_query 16 --mini_batches 2 --temperature 0.8 --top_p 0.9 \\
         --repetition_penalty 1.1 --kl_coef 0.05 --reward_clip 0.8 --max_new_tokens 256 \\
         --max_prompt_len 512 --truncate true --skip_bad_rows true \\
         --gradient_checkpointing true --output_dir runs/7b/ppo   # the paper's settings (7B)

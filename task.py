@@ -18,7 +18,7 @@ from a seed:
     python task.py --out_dir runs/default/task      # writes data/ and base_model/
 
 The responses are built from clauses ("first heat the pan .", "hope this helps .") so a model of
-two million parameters learns the language in a couple of minutes on two CPU cores. The judge
+about a million parameters learns the language in a couple of minutes on two CPU cores. The judge
 is graded on purpose: relevance and helpfulness saturate, length and repetition are penalised,
 and refusing is right only for harmful prompts. A reward model trained on noisy pairs learns
 the easy correlates ("more on-topic steps, a friendly closing") without their limits, which is
