@@ -390,7 +390,8 @@ def main(argv=None):
             with open(os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")) as f:
                 results.append(json.load(f))
         res = pool(results)
-        res["table2"]["best_round"] = [r["table2"]["best_round"] for r in results]  # a round, not a number to average
+        best = [r["table2"]["best_round"] for r in results]  # a round is not a number to average
+        res["table2"]["best_round"] = best if len(best) > 1 else best[0]
         label = f"seeds {', '.join(seeds)}: mean ± standard deviation" if len(seeds) > 1 else f"seed {seeds[0]}"
         save(res, args.aggregate, label)
         figures(results[0], args.aggregate)

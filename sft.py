@@ -86,8 +86,9 @@ def train(args):
     warmup = int(args.warmup * len(examples) / args.global_batch)
     state = run.load_checkpoint({"model": (model, opt)})
     start = state["step"] if state else 0
+    # a sharded (DTensor) parameter reports its full size
     d.print(f"sft: {len(examples)} rows, {total} steps of {args.global_batch} rows, "
-            f"{sum(p.numel() for p in model.parameters()) * d.world / 1e6:.2f}M parameters")
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     # 3. train: loss = sum over the global batch's response tokens / their number
     model.train()
