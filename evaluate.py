@@ -39,7 +39,7 @@ class Args:
     run_dir: str = arg("runs/default/seed1", "one seed's run folder, as iterate.sh lays it out")
     rounds: int = arg(3, "MetaRM rounds in the run")
     prompts: str = arg("runs/default/task/data/prompts_test.jsonl", "held-out test prompts (the paper: 100)")
-    n_prompts: int = arg(150, "how many test prompts to use (at least 100)")
+    n_prompts: int = arg(150, "how many test prompts to use (the paper: 100; fewer only for quick checks)")
     pairs: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs for RM accuracy")
     sft_data: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs whose chosen responses are the 'raw data' row of Table 3")
     judge: str = arg("gold", "'gold' (embedded task) or a Hugging Face reward-model folder")

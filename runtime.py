@@ -43,6 +43,15 @@ def guard(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    shutdown()
+
+
+def shutdown():
+    """Leave the process group cleanly: a process that exits with gloo's threads still running
+    can abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

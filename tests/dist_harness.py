@@ -117,6 +117,7 @@ def main():
         if d.main:
             with open(f"{out}/shard_sizes.json", "w") as f:
                 json.dump(sizes, f)
+    runtime.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Bad input gets an error naming the file, the row and the problem; skipping is counted."""
 import json
+import re
 
 import pytest
 
 import data
+import runtime
+import sft
 from conftest import run_script
 
 GOOD = {"chosen": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: restart the laptop .",
@@ -74,13 +77,17 @@ def test_cli_errors_are_one_line(tmp_path, micro):
         (["--model_name_or_path", str(tmp_path / "no_model")], "does not exist"),
         (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], "cannot load 'meta-llama/Llama-2-7b-hf'"),
     ]
-    for extra, message in cases:
-        args = ["sft.py", "--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
-                "--output_dir", str(tmp_path / "out")]
-        p = run_script(*(args + extra), check=False)
-        assert p.returncode == 2, p.stderr
-        assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
-        assert p.stderr.strip().splitlines()[-1].startswith("error:")
+    for i, (extra, message) in enumerate(cases):
+        args = ["--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
+                "--output_dir", str(tmp_path / "out"), *extra]
+        if i == 0:  # from the command line: one 'error:' line, status 2, no traceback
+            p = run_script("sft.py", *args, check=False)
+            assert p.returncode == 2, p.stderr
+            assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
+            assert p.stderr.strip().splitlines()[-1].startswith("error:")
+        else:
+            with pytest.raises(runtime.UserError, match=re.escape(message)):
+                sft.main(args)
 
 
 def test_too_long_rows(micro):

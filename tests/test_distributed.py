@@ -5,14 +5,13 @@ a PPO update on fixed roll-outs gives the same losses, checkpoints reload across
 and FSDP2 holds half of the parameters on each process."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 import ppo
 import runtime
-from conftest import ROOT, metrics, run_script
+from conftest import metrics, run_script
 
 REL = 1e-4
 

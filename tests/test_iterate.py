@@ -17,7 +17,7 @@ def iterate(run_dir, micro):
            "RM_ARGS": "--max_steps 4 --global_batch 16 --eval_every 1000",
            "METARM_ARGS": "--max_steps 3 --global_batch 8 --meta_batch 2 --eval_every 1000",
            "PPO_ARGS": "--queries 4 --rollouts_per_query 2 --max_new_tokens 12",
-           "SAMPLE_ARGS": "--max_new_tokens 12", "EVAL_ARGS": "--n_prompts 100 --max_new_tokens 12"}
+           "SAMPLE_ARGS": "--max_new_tokens 12", "EVAL_ARGS": "--n_prompts 20 --max_new_tokens 12"}
     p = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)

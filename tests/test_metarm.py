@@ -1,6 +1,5 @@
 """metarm.py: the meta-gradients against independent computations (finite differences,
 torch.func, a separately built theta'), the eta-scaling of the three forms, and J by hand."""
-import math
 
 import pytest
 import torch
@@ -94,7 +93,7 @@ def test_exact_matches_finite_difference(kind, eps, tol):
 def test_exact_matches_torch_func():
     """The same second-order gradient composed with torch.func: grad of a function that itself
     takes a gradient."""
-    from torch.func import functional_call, grad
+    from torch.func import grad
     model = tiny_reward_model("gpt2")
     X_t, X_s, k = batches()
     eta = 0.3
@@ -198,21 +197,20 @@ def test_short_run_raises_J_and_keeps_accuracy(micro, micro_sft, tmp_path):
     meta = str(tmp_path / "meta.jsonl")
     run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
                "--k", "4", "--max_prompts", "64", "--out", meta, "--max_new_tokens", "24")
-    runs = {"vanilla": ["--eta", "0"], "first_order": ["--eta", "0.1"], "exact": ["--meta_grad", "exact", "--eta", "0.1"]}
+    runs = {"vanilla": ["--eta", "0"], "first_order": ["--eta", "0.1"]}
     result = {name: [] for name in runs}
     for seed in ("1", "2", "3"):
         for name, extra in runs.items():
             out = str(tmp_path / f"{name}_{seed}")
             metarm.main(["--sft_dir", micro_sft, "--data", train, "--eval_data", test, "--meta_data", meta,
                          "--output_dir", out, "--epochs", "2", "--global_batch", "16", "--lr", "3e-3",
-                         "--seed", seed, *extra])
+                         "--eval_every", "1000", "--seed", seed, *extra])
             assert runtime.is_done(out)
             with open(f"{out}/DONE") as f:
                 final = json.load(f)
             result[name].append((final["shift/J"], final["eval/accuracy"]))
     J = {name: statistics.mean(j for j, _ in r) for name, r in result.items()}
     acc = {name: statistics.mean(a for _, a in r) for name, r in result.items()}
-    for name in ("first_order", "exact"):
-        assert J[name] > J["vanilla"], (name, result)
-        assert abs(acc[name] - acc["vanilla"]) <= 0.02, (name, result)
+    assert J["first_order"] > J["vanilla"], result
+    assert abs(acc["first_order"] - acc["vanilla"]) <= 0.02, result
     assert acc["vanilla"] > 0.7, result

@@ -2,6 +2,7 @@
 while sampling, the clipped losses by hand, short runs, and the sampling mode."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -92,10 +93,9 @@ def test_logprobs_match_those_seen_while_sampling(micro_sft):
 
 def test_short_run_raises_the_rm_score(micro, micro_sft, micro_rm, tmp_path):
     out = str(tmp_path / "ppo")
-    run_script("ppo.py", "--policy_dir", micro_sft, "--rm_dir", micro_rm, "--prompts",
-               f"{micro['data']}/prompts_train.jsonl", "--output_dir", out, "--steps", "16",
-               "--queries", "16", "--policy_lr", "3e-3", "--kl_coef", "0.01", "--max_new_tokens", "16",
-               "--snapshot_every", "8")
+    ppo.main(["--policy_dir", micro_sft, "--rm_dir", micro_rm, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+              "--output_dir", out, "--steps", "16", "--queries", "16", "--policy_lr", "3e-3", "--kl_coef", "0.01",
+              "--max_new_tokens", "16", "--snapshot_every", "8"])
     rows = metrics(out)
     first, last = [sum(r["objective/scores"] for r in rows[i]) / 4 for i in (slice(0, 4), slice(-4, None))]
     assert last > first + 0.1, (first, last)
@@ -115,14 +115,12 @@ def test_two_processes_run_end_to_end(micro, micro_sft, micro_rm, tmp_path):
 
 def test_sampling_mode_writes_meta_data(micro, micro_sft, tmp_path):
     out = str(tmp_path / "meta.jsonl")
-    run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts",
-               f"{micro['data']}/prompts_train.jsonl", "--k", "3", "--max_prompts", "10", "--out", out,
-               "--max_new_tokens", "8")
+    ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+              "--k", "3", "--max_prompts", "10", "--out", out, "--max_new_tokens", "8"])
     rows = data.load_meta(out)
     prompts = [p for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")][:10]
     assert [p for p, _, _ in rows] == prompts and all(len(rs) == 3 for _, rs, _ in rows)
     bad = tmp_path / "prompts.jsonl"
     bad.write_text(json.dumps({"prompt": prompts[0]}) + "\n" + json.dumps({"question": "hi"}) + "\n")
-    p = run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", str(bad),
-                   "--out", str(tmp_path / "m2.jsonl"), check=False)
-    assert p.returncode == 2 and f"{bad}, row 2: missing key 'prompt'" in p.stderr, p.stderr
+    with pytest.raises(runtime.UserError, match=re.escape(f"{bad}, row 2: missing key 'prompt'")):
+        ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", str(bad), "--out", str(tmp_path / "m2.jsonl")])

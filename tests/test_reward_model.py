@@ -3,6 +3,7 @@ token whatever the padding, the |dr| statistics against slow loops, training, ba
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -122,9 +123,9 @@ def test_short_training_beats_chance(micro_sft, tmp_path):
     need a larger model and more steps than a unit test affords, so the pairs here are the gold
     judge's own clear preferences."""
     out = str(tmp_path / "rm")
-    run_script("reward_model.py", "--sft_dir", micro_sft, "--data", clear_pairs(tmp_path / "train.jsonl", 600, 1),
-               "--eval_data", clear_pairs(tmp_path / "test.jsonl", 200, 2), "--output_dir", out, "--epochs", "2",
-               "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000")
+    rm.main(["--sft_dir", micro_sft, "--data", clear_pairs(tmp_path / "train.jsonl", 600, 1),
+             "--eval_data", clear_pairs(tmp_path / "test.jsonl", 200, 2), "--output_dir", out, "--epochs", "2",
+             "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000"])
     acc = [r["eval/accuracy"] for r in metrics(out) if "eval/accuracy" in r]
     assert acc[0] < 0.6 and acc[-1] > 0.7, acc
     with open(os.path.join(out, "reward_stats.json")) as f:
@@ -135,19 +136,23 @@ def test_short_training_beats_chance(micro_sft, tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
 
 
-def test_bad_pairs_name_file_and_row(micro, micro_sft, tmp_path):
+def test_bad_pairs_name_file_and_row(micro, micro_sft, tmp_path, capsys):
     good = json.loads(open(os.path.join(micro["data"], "pairs_train.jsonl")).readline())
     long = {"chosen": good["chosen"] + " more" * 200, "rejected": good["rejected"]}
     cases = [({"chosen": good["chosen"], "rejected": good["chosen"]}, "row 2: chosen and rejected are identical"),
              ({"chosen": good["chosen"]}, "row 2: missing key 'rejected'"),
              (long, "row 2: ")]
-    for bad, message in cases:
-        path = tmp_path / "pairs.jsonl"
+    for i, (bad, message) in enumerate(cases):
+        path = tmp_path / f"pairs{i}.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-        p = run_script("reward_model.py", "--sft_dir", micro_sft, "--data", str(path), "--eval_data", "",
-                       "--output_dir", str(tmp_path / "out"), check=False)
-        assert p.returncode == 2 and f"{path}, {message}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        argv = ["--sft_dir", micro_sft, "--data", str(path), "--eval_data", "", "--output_dir", str(tmp_path / "out")]
+        if i == 0:  # from the command line: one 'error:' line, status 2, no traceback
+            p = run_script("reward_model.py", *argv, check=False)
+            assert p.returncode == 2 and f"{path}, {message}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        else:
+            with pytest.raises(runtime.UserError, match=re.escape(f"{path}, {message}")):
+                rm.main(argv)
     # with --truncate the long row is cut, counted and reported
-    p = run_script("reward_model.py", "--sft_dir", micro_sft, "--data", str(path), "--eval_data", "",
-                   "--output_dir", str(tmp_path / "cut"), "--truncate", "--global_batch", "2")
-    assert "1 rows truncated" in p.stdout
+    rm.main(["--sft_dir", micro_sft, "--data", str(path), "--eval_data", "", "--output_dir", str(tmp_path / "cut"),
+             "--truncate", "--global_batch", "2"])
+    assert "1 rows truncated" in capsys.readouterr().out
