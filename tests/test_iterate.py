@@ -58,9 +58,9 @@ def test_iterate_end_to_end(micro, tmp_path):
     ran, skipped, _ = iterate(run_dir, micro)
     assert ran == [] and skipped == stages
 
-    stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "rm", "DONE"))
-    os.remove(os.path.join(run_dir, "seed1", "round1", "rm", "DONE"))
+    stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "round1", "rm", "DONE"))
+    os.remove(os.path.join(run_dir, "seed1", "round1", "ppo", "DONE"))
     ran, skipped, _ = iterate(run_dir, micro)
-    assert skipped == stages[:4] and ran == stages[4:]
-    assert os.path.getmtime(os.path.join(run_dir, "seed1", "rm", "DONE")) == stamp
+    assert skipped == stages[:5] and ran == stages[5:]
+    assert os.path.getmtime(os.path.join(run_dir, "seed1", "round1", "rm", "DONE")) == stamp
     assert os.path.exists(os.path.join(run_dir, "results.json"))
