@@ -28,6 +28,15 @@ def run_script(*argv, nproc=1, check=True, env=None, timeout=600):
     return p
 
 
+def assert_cli_error(script, *argv, message):
+    """Run a stage from the command line and check that a user mistake ends as it should: exit
+    status 2 and one last 'error: ...' line containing `message`, no traceback."""
+    p = run_script(script, *argv, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error:"), p.stderr
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -7,7 +7,7 @@ import pytest
 import data
 import runtime
 import sft
-from conftest import run_script
+from conftest import assert_cli_error
 
 GOOD = {"chosen": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: restart the laptop .",
         "rejected": "\n\nHuman: how do i fix my laptop ?\n\nAssistant: stir the sauce ."}
@@ -81,10 +81,7 @@ def test_cli_errors_are_one_line(tmp_path, micro):
         args = ["--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
                 "--output_dir", str(tmp_path / "out"), *extra]
         if i == 0:  # from the command line: one 'error:' line, status 2, no traceback
-            p = run_script("sft.py", *args, check=False)
-            assert p.returncode == 2, p.stderr
-            assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
-            assert p.stderr.strip().splitlines()[-1].startswith("error:")
+            assert_cli_error("sft.py", *args, message=message)
         else:
             with pytest.raises(runtime.UserError, match=re.escape(message)):
                 sft.main(args)
