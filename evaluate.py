@@ -1,24 +1,28 @@
-"""evaluate.py: the paper's evaluation of an iterated-RLHF run (what iterate.sh calls last).
+"""evaluate.py: the evaluation of an iterated-RLHF run (what iterate.sh calls last), and the
+paired statistics that say whether an arm helps.
 
-For one seed's run folder (sft/, rm/, ppo_vanilla/, round1/ ... roundR/):
-  * every policy answers the same held-out test prompts (one sampled response each, cached in
-    eval/); a judge scores the responses: the gold judge on the embedded task, or any Hugging
-    Face reward model given by path on real data;
-  * win / tie / lose of each round's policy pi_k against SFT (the paper's Table 1) and of the
-    best round against SFT and the vanilla-PPO baselines (Table 2). A tie is a judge-score
-    difference below --tie_margin; an empty response loses to any non-empty one, two empty
-    responses tie, whatever the judge says;
+For one seed's run folder (sft/, rm/, ppo_vanilla/, dpo/, <arm>/round1 ... <arm>/roundR/):
+  * every policy answers the same held-out test prompts (one sampled response each, with the
+    same sampling seed, cached in eval/); a judge scores the responses: the gold judge on the
+    embedded task, or any Hugging Face reward model given by path on real data;
+  * win / tie / lose of each arm's round-k policy against SFT (the paper's Table 1) and of each
+    arm's best round against SFT, vanilla PPO and DPO (Table 2). A tie is a judge-score
+    difference below --tie_margin; an empty response loses to any non-empty one;
+  * paired comparisons (`comparisons`): on every (seed, prompt) the difference of the two
+    policies' judge scores and the win - lose outcome, their means and 95% intervals from a
+    hierarchical bootstrap (seeds, then prompts within a seed), and a verdict;
   * diversity (Table 3): Self-BLEU averaged over n = 2..5 and distinct-n; lower Self-BLEU is
     more diverse;
-  * per round, the reward models on the samples of the policy they are about to train (the
-    round's meta data): the vanilla RM against the round's MetaRM (Figure 5: |dr| histogram,
-    variance, share near zero, gold agreement, J), and their held-out accuracy (Figure 4);
+  * per arm and round, that arm's reward model and the vanilla RM on the samples of the policy
+    they are about to steer (Figure 5: |dr| variance, share near zero, gold agreement, J) and
+    their held-out accuracy (Figure 4);
   * from the PPO logs, the variance of same-prompt reward differences per step (Figure 1).
-Writes eval/results.json and eval/results.md in the run folder; --aggregate pools several seeds' results
-into mean +- standard deviation. With matplotlib installed it also draws figure1/4/5.png.
+Writes eval/results.json and eval/results.md in the run folder; --aggregate pools several seeds'
+results: numbers as mean +- standard deviation over seeds, comparisons over (seed, prompt). With
+matplotlib installed it also draws figure1/4/5.png and gold_per_round.png.
 
-    python evaluate.py --run_dir runs/default/seed1 --rounds 3
-    python evaluate.py --aggregate runs/default --seeds "1 2 3"
+    python evaluate.py --run_dir runs/default/seed1 --rounds 3 --arms "metarm vanilla"
+    python evaluate.py --aggregate runs/default --seeds "1 2 3" --rounds 3 --arms "metarm vanilla"
 """
 import collections
 import dataclasses
@@ -26,6 +30,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 
 import data
@@ -37,11 +42,12 @@ from runtime import arg
 @dataclasses.dataclass
 class Args:
     run_dir: str = arg("runs/default/seed1", "one seed's run folder, as iterate.sh lays it out")
-    rounds: int = arg(3, "MetaRM rounds in the run")
+    rounds: int = arg(3, "rounds in the run")
+    arms: str = arg("metarm vanilla", "the run's arms, space separated, as iterate.sh's ARMS")
     prompts: str = arg("runs/default/task/data/prompts_test.jsonl", "held-out test prompts (the paper: 100)")
     n_prompts: int = arg(150, "how many test prompts to use (the paper: 100; fewer only for quick checks)")
     pairs: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs for RM accuracy")
-    sft_data: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs whose chosen responses are the 'raw data' row of Table 3")
+    raw_pairs: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs whose chosen responses are the 'raw data' row of Table 3")
     judge: str = arg("gold", "'gold' (embedded task) or a Hugging Face reward-model folder")
     tie_margin: float = arg(0.1, "judge-score difference below which two responses tie")
     temperature: float = arg(1.0, "sampling temperature of the evaluated policies")
@@ -51,54 +57,64 @@ class Args:
     seed: int = arg(1234, "sampling seed (the same for every policy)")
     aggregate: str = arg("", "pool the results.json of <aggregate>/seed<S> for --seeds instead")
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
+    n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals")
 
 
-# The fields of results.json (the README's table lists the same). With several seeds every number
-# becomes {"mean": ..., "std": ...}.
+# The fields of results.json (the README's table lists the same; tests/test_iterate.py checks it).
+# In a seed's eval/results.json numbers are that seed's; in RUN_DIR/results.json, {"mean", "std"} over seeds.
 RESULT_FIELDS = {
-    "config": "rounds, prompts (number of test prompts), judge, tie_margin",
-    "judge_mean": "mean judge score on the test prompts of each policy: sft, vanilla_ppo, "
-                  "vanilla_ppo_1round (when rounds > 1), round1 .. roundR",
-    "table1": "Table 1: per round, {round, win, tie, lose} of pi_k against SFT, in % of prompts",
-    "table2": "Table 2: best_round (most wins minus losses against SFT; with several seeds, the list of "
-              "each seed's) and its win/tie/lose vs_sft, "
-              "vs_vanilla_ppo (as many PPO steps as all rounds), vs_vanilla_ppo_1round; "
-              "vanilla_ppo_vs_sft",
+    "config": "rounds, arms, ppo_steps (per round), prompts (number of test prompts), judge, tie_margin, seeds, "
+              "settings: per arm what matters (meta_grad, eta, alpha, deploy, kl_anchor, ppo_steps, kl_coef, "
+              "new_pairs_per_round, beta), read from the stages' args.json",
+    "judge_mean": "mean judge score on the test prompts of each policy: sft, vanilla_ppo/step<N> (after each "
+                  "round's worth of steps), dpo, <arm>/round<k>",
+    "gold": "per policy, the mean judge score with its 95% interval {mean, lo, hi, se} over seeds and prompts",
+    "per_seed": "per seed, judge_mean",
+    "comparisons": "paired comparisons a vs b: seeds, prompts, gold_diff and win_minus_lose (% of prompts) as "
+                   "{mean, lo, hi, se}, win/tie/lose in % pooled, verdict, per_seed_gold_diff",
+    "rm_comparisons": "each arm's round-k RM minus the vanilla RM on the same samples, paired on the seed: arm, "
+                      "round, metric (shift/gold_agreement, shift/J, shift/dr_var, eval/accuracy), diff {mean, lo, hi, se} "
+                      "(95% t-interval over seeds), seeds, verdict",
+    "table1": "Table 1: per arm, per round {round, win, tie, lose} of pi_k against SFT, in % of prompts",
+    "table2": "Table 2: per arm, best_round (highest mean gold difference against SFT over all seeds) and its "
+              "comparison against sft, vanilla_ppo/step<all rounds> and dpo",
     "table3": "Table 3: per response set (raw_data, then each policy) self_bleu (mean of n = 2..5), "
               "self_bleu_2 .. self_bleu_5, distinct_1, distinct_2",
-    "rounds": "Figures 4 and 5: per round, {round, metarm, vanilla, ppo_gold}; metarm and vanilla "
-              "hold that RM's eval/accuracy and eval/margin (held-out pairs) and, on the round's "
-              "meta data, shift/J, shift/dr_var, shift/dr_mean_abs, shift/dr_near_zero, shift/dr_hist, "
+    "rounds": "Figures 4 and 5: per arm, per round {round, rm, vanilla, ppo_gold}: rm (that arm's RM) and vanilla "
+              "hold eval/accuracy and eval/margin (held-out pairs) and, on the samples of the policy the round "
+              "starts from, shift/J, shift/dr_var, shift/dr_mean_abs, shift/dr_near_zero, shift/dr_hist, "
               "shift/gold_agreement, shift/gold_pairs; ppo_gold: the gold score per step of the round's PPO",
-    "figure1": "Figure 1: per PPO run (vanilla_ppo, round1 ..), [step, variance of same-prompt reward "
-               "differences]",
-    "figure4": "Figure 4: per RM (vanilla, round1 ..), [step, held-out accuracy] during training",
+    "figure1": "Figure 1: per PPO run (vanilla_ppo, <arm>/round<k>), [step, variance of same-prompt reward differences]",
+    "figure4": "Figure 4: per RM (vanilla, <arm>/round<k>), [step, held-out accuracy] during training",
     "ppo_curves": "per PPO run, gold and score: [step, mean gold score / RM score of the roll-outs]",
 }
 ROUND_RM_FIELDS = ("eval/accuracy", "eval/margin", "shift/J", "shift/dr_var", "shift/dr_mean_abs",
                    "shift/dr_near_zero", "shift/dr_hist", "shift/gold_agreement", "shift/gold_pairs")
 
-
 # ---------------------------------------------------------------------------------------------
 # Metrics, each small enough to check by hand
 # ---------------------------------------------------------------------------------------------
-def win_tie_lose(a, b, margin, empty_a=None, empty_b=None):
-    """Percentages of prompts where response a beats, ties or loses to response b, judged by
+def outcomes(a, b, margin, empty_a=None, empty_b=None):
+    """Per prompt, +1 if response a beats response b, 0 for a tie, -1 if it loses, judged by
     scores a, b (lists of floats). An empty response loses to a non-empty one; two tie."""
     n = len(a)
     empty_a = empty_a or [False] * n
     empty_b = empty_b or [False] * n
-    win = tie = lose = 0
+    out = []
     for sa, sb, ea, eb in zip(a, b, empty_a, empty_b):
         if ea or eb:
-            win, tie, lose = win + (eb and not ea), tie + (ea and eb), lose + (ea and not eb)
+            out.append(int(eb) - int(ea))
         elif abs(sa - sb) < margin:
-            tie += 1
-        elif sa > sb:
-            win += 1
+            out.append(0)
         else:
-            lose += 1
-    return {"win": 100 * win / n, "tie": 100 * tie / n, "lose": 100 * lose / n}
+            out.append(1 if sa > sb else -1)
+    return out
+
+
+def win_tie_lose(a, b, margin, empty_a=None, empty_b=None):
+    """Percentages of prompts where response a beats, ties or loses to response b."""
+    o = outcomes(a, b, margin, empty_a, empty_b)
+    return {"win": 100 * o.count(1) / len(o), "tie": 100 * o.count(0) / len(o), "lose": 100 * o.count(-1) / len(o)}
 
 
 def ngrams(tokens, n):
@@ -227,67 +243,233 @@ def curve(run_dir, key):
         return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# One seed's report
+# Paired statistics: hierarchical bootstrap over seeds and prompts
 # ---------------------------------------------------------------------------------------------
+def t_quantile(q, df):
+    """The q-quantile of Student's t with df degrees of freedom (df = inf: the normal), by
+    bisection on the CDF, itself a Simpson integral of the density (numpy has no t quantile)."""
+    if math.isinf(df):
+        return t_quantile(q, 1e7)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda u: math.exp(log_c - (df + 1) / 2 * math.log1p(u * u / df))
+
+    def cdf(t, n=2000):
+        h = t / n
+        s = density(0) + density(t) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+        return 0.5 + s * h / 3
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def hierarchical_bootstrap(x, n_boot=2000, seed=0):
+    """Mean of x [seeds, prompts] (paired differences, one per seed and prompt) and its 95%
+    interval. The standard error comes from a hierarchical bootstrap: resample seeds with
+    replacement, then prompts with replacement within each drawn seed, and take the grand mean.
+    A percentile interval from a handful of seeds covers far less than 95% (resampling S seeds
+    underestimates the seed-to-seed variance by (S-1)/S, and the normal quantile is too small),
+    so the interval is mean +- t_{S-1} * se with that variance corrected; with one seed it is
+    over prompts only (normal quantile). tests/test_evaluate.py measures the coverage."""
+    x = np.asarray(x, dtype=float)
+    S, P = x.shape
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, S, (n_boot, S))
+    p = rng.integers(0, P, (n_boot, S, P))
+    means = x[s[:, :, None], p].mean(axis=(1, 2))
+    se = float(means.std()) * (math.sqrt(S / (S - 1)) if S > 1 else 1.0)
+    t = t_quantile(0.975, S - 1 if S > 1 else math.inf)
+    m = float(x.mean())
+    return {"mean": m, "lo": m - t * se, "hi": m + t * se, "se": se}
+
+
+POWER_Z = 0.8416  # the 80% quantile of the normal: detectable effects are quoted at 80% power
+
+
+def verdict(interval, n_seeds, what="gold", words=("better", "worse"), digits=2):
+    """better / worse / no detectable difference, from a 95% interval of a paired difference,
+    with the smallest difference this design detects with 80% power, (t_{S-1} + z_0.8) * se."""
+    if n_seeds < 2:
+        return "one seed: no verdict across seeds is possible"
+    t = t_quantile(0.975, n_seeds - 1)
+    detectable = (t + POWER_Z) * interval["se"]
+    if interval["lo"] > 0:
+        return words[0]
+    if interval["hi"] < 0:
+        return words[1]
+    return f"no detectable difference (this run detects |{what} difference| >= {detectable:.{digits}f} at 80% power)"
+
+
+def seed_interval(values):
+    """Mean of one number per seed and its 95% t-interval (a number measured once per seed, such
+    as an RM's gold agreement on a round's samples, has no prompt level to resample)."""
+    x = np.asarray(values, dtype=float)
+    m, S = float(x.mean()), len(x)
+    if S < 2:
+        return {"mean": m, "lo": m, "hi": m, "se": 0.0}
+    se = float(x.std(ddof=1)) / math.sqrt(S)
+    t = t_quantile(0.975, S - 1)
+    return {"mean": m, "lo": m - t * se, "hi": m + t * se, "se": se}
+
+
+RM_METRICS = ("shift/gold_agreement", "shift/J", "shift/dr_var", "eval/accuracy")
+
+
+def compare_rms(results):
+    """Each arm's round-k RM against the vanilla RM on the same samples (the round's meta data),
+    paired on the seed: the difference of each of RM_METRICS, its 95% interval and a verdict."""
+    out = []
+    for arm, rounds in results[0]["rounds"].items():
+        if base(arm) == "vanilla":
+            continue
+        for i, r in enumerate(rounds):
+            for metric in RM_METRICS:
+                if metric not in r["rm"]:
+                    continue
+                diff = [res["rounds"][arm][i]["rm"][metric] - res["rounds"][arm][i]["vanilla"][metric] for res in results]
+                iv = seed_interval(diff)
+                out.append({"arm": arm, "round": r["round"], "metric": metric, "diff": iv, "seeds": len(diff),
+                            "verdict": verdict(iv, len(diff), metric.split("/")[1], ("higher", "lower"), 4)})
+    return out
+
+
+def compare(scores, empty, a, b, margin, n_boot):
+    """Paired comparison of policies a and b: scores[name] and empty[name] are [seeds][prompts]."""
+    gold = np.asarray(scores[a]) - np.asarray(scores[b])
+    wl = np.asarray([outcomes(sa, sb, margin, ea, eb) for sa, sb, ea, eb in
+                     zip(scores[a], scores[b], empty[a], empty[b])], dtype=float)
+    g = hierarchical_bootstrap(gold, n_boot)
+    w = hierarchical_bootstrap(100 * wl, n_boot, seed=1)
+    S, P = gold.shape
+    return {"a": a, "b": b, "seeds": S, "prompts": P, "gold_diff": g, "win_minus_lose": w,
+            "win": 100 * float((wl == 1).mean()), "tie": 100 * float((wl == 0).mean()),
+            "lose": 100 * float((wl == -1).mean()), "verdict": verdict(g, S),
+            "per_seed_gold_diff": gold.mean(1).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One seed: sample, judge, measure
+# ---------------------------------------------------------------------------------------------
+def base(arm):
+    return arm.split("+")[0]
+
+
+def policy_dirs(run, arms, R):
+    """Every policy of a run, by name: sft, vanilla_ppo/step<N> (after k rounds' worth of steps),
+    dpo, <arm>/round<k>."""
+    with open(f"{run}/ppo_vanilla/args.json") as f:
+        total = json.load(f)["steps"]
+    steps = total // R
+    out = {"sft": f"{run}/sft"}
+    for k in range(1, R + 1):
+        out[f"vanilla_ppo/step{k * steps}"] = f"{run}/ppo_vanilla" if k * steps == total else f"{run}/ppo_vanilla/step{k * steps}"
+    for arm in arms:
+        if base(arm) == "dpo":
+            out["dpo"] = f"{run}/dpo"
+        else:
+            out.update({f"{arm}/round{k}": f"{run}/{arm}/round{k}/ppo" for k in range(1, R + 1)})
+    return out, steps
+
+
+def comparison_plan(arms, R, steps):
+    """The (a, b) pairs every report compares, a against b."""
+    rounds = [a for a in arms if base(a) != "dpo"]
+    has_dpo = any(base(a) == "dpo" for a in arms)
+    plan = []
+    for arm in rounds:
+        for k in range(1, R + 1):
+            me = f"{arm}/round{k}"
+            plan.append((me, "sft"))
+            if "vanilla" in arms and arm != "vanilla":
+                plan.append((me, f"vanilla/round{k}"))
+            plan.append((me, f"vanilla_ppo/step{k * steps}"))
+            if has_dpo:
+                plan.append((me, "dpo"))
+    if has_dpo:
+        plan.append(("dpo", "sft"))
+    plan.append((f"vanilla_ppo/step{R * steps}", "sft"))
+    return plan
+
+
+def rm_dir(run, arm, k):
+    """The reward model that steered an arm's round-k PPO."""
+    return f"{run}/rm" if base(arm) == "vanilla" else f"{run}/{arm}/round{k}/rm"
+
+
+def arm_settings(run, arm):
+    """What matters of an arm's settings, read from its stages' args.json."""
+    def args_of(path):
+        with open(os.path.join(path, "args.json")) as f:
+            return json.load(f)
+    if base(arm) == "dpo":
+        a = args_of(f"{run}/dpo")
+        return {"beta": a["beta"], "lr": a["lr"], "epochs": a["epochs"]}
+    ppo = args_of(f"{run}/{arm}/round1/ppo")
+    out = {"kl_anchor": "sft" if ppo.get("ref_dir") else "prev", "ppo_steps": ppo["steps"], "kl_coef": ppo["kl_coef"],
+           "policy_lr": ppo["policy_lr"]}
+    if base(arm) == "metarm":
+        m = args_of(f"{run}/{arm}/round1/rm")
+        out.update({"meta_grad": m["meta_grad"], "eta": m["eta"], "alpha": m["lr"], "deploy": m["deploy"],
+                    "meta_batch": m["meta_batch"], "epochs": m["epochs"]})
+    if base(arm) == "oracle":
+        with open(f"{run}/{arm}/round1/new_pairs.jsonl") as f:
+            out["new_pairs_per_round"] = sum(1 for _ in f)
+    return out
+
+
 def evaluate(args, d):
-    R, run = args.rounds, args.run_dir
+    R, run, arms = args.rounds, args.run_dir, args.arms.split()
     prompts = [p for p, _ in data.load_prompts(args.prompts)][:args.n_prompts]
-    policies = {"sft": f"{run}/sft", "vanilla_ppo": f"{run}/ppo_vanilla"}
-    one_round = f"{run}/ppo_vanilla/step{_ppo_steps(run)}"
-    if R > 1 and os.path.isdir(one_round):
-        policies["vanilla_ppo_1round"] = one_round
-    policies.update({f"round{k}": f"{run}/round{k}/ppo" for k in range(1, R + 1)})
     if args.judge == "gold" and not rm.gold_applies(prompts):
         raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
                                 "prompts: pass --judge <a reward-model folder> (iterate.sh: JUDGE=...)")
+    policies, steps = policy_dirs(run, arms, R)
     judge = Judge(args.judge, d)
     texts, scores, empty = {}, {}, {}
     for name, path in runtime.progress(policies.items(), d, desc="evaluate", total=len(policies)):
-        texts[name] = responses(path, prompts, args, f"{run}/eval/{name}.jsonl", d)
+        texts[name] = responses(path, prompts, args, f"{run}/eval/{name.replace('/', '__')}.jsonl", d)
         scores[name] = judge(prompts, texts[name])
         empty[name] = [not t.strip() for t in texts[name]]
-    wtl = lambda a, b: win_tie_lose(scores[a], scores[b], args.tie_margin, empty[a], empty[b])
 
-    res = {"config": {"rounds": R, "prompts": len(prompts), "judge": args.judge, "tie_margin": args.tie_margin},
-           "judge_mean": {k: sum(v) / len(v) for k, v in scores.items()}}
-    res["table1"] = [{"round": k, **wtl(f"round{k}", "sft")} for k in range(1, R + 1)]
-    best = max(range(1, R + 1), key=lambda k: (res["table1"][k - 1]["win"] - res["table1"][k - 1]["lose"], -k))
-    res["table2"] = {"best_round": best, "vs_sft": wtl(f"round{best}", "sft"),
-                     "vs_vanilla_ppo": wtl(f"round{best}", "vanilla_ppo")}
-    if "vanilla_ppo_1round" in policies:
-        res["table2"]["vs_vanilla_ppo_1round"] = wtl(f"round{best}", "vanilla_ppo_1round")
-    res["table2"]["vanilla_ppo_vs_sft"] = wtl("vanilla_ppo", "sft")
-    raw = [w for _, w, _, _ in data.load_pairs(args.sft_data)][:len(prompts)]
+    res = {"config": {"rounds": R, "arms": arms, "ppo_steps": steps, "prompts": len(prompts), "judge": args.judge,
+                      "tie_margin": args.tie_margin, "settings": {a: arm_settings(run, a) for a in arms}},
+           "judge_mean": {k: sum(v) / len(v) for k, v in scores.items()}, "scores": scores, "empty": empty}
+    wtl = lambda a, b: win_tie_lose(scores[a], scores[b], args.tie_margin, empty[a], empty[b])
+    round_arms = [a for a in arms if base(a) != "dpo"]
+    res["table1"] = {a: [{"round": k, **wtl(f"{a}/round{k}", "sft")} for k in range(1, R + 1)] for a in round_arms}
+    raw = [w for _, w, _, _ in data.load_pairs(args.raw_pairs)][:len(prompts)]
     res["table3"] = {"raw_data": diversity(raw), **{k: diversity(v) for k, v in texts.items()}}
 
     pairs = data.load_pairs(args.pairs)
-    res["rounds"] = []
-    for k in range(1, R + 1):
-        meta = f"{run}/round{k}/meta.jsonl"
-        res["rounds"].append({"round": k, "metarm": rm_on_samples(f"{run}/round{k}/rm", meta, pairs, d),
-                              "vanilla": rm_on_samples(f"{run}/rm", meta, pairs, d),
-                              "ppo_gold": [v for _, v in curve(f"{run}/round{k}/ppo", "objective/gold")]})
-    res["figure1"] = {"vanilla_ppo": curve(f"{run}/ppo_vanilla", "shift/dr_var"),
-                      **{f"round{k}": curve(f"{run}/round{k}/ppo", "shift/dr_var") for k in range(1, R + 1)}}
+    res["rounds"] = {}
+    for a in round_arms:
+        res["rounds"][a] = []
+        for k in range(1, R + 1):
+            meta = f"{run}/{a}/round{k}/meta.jsonl"
+            vanilla = rm_on_samples(f"{run}/rm", meta, pairs, d)
+            mine = vanilla if base(a) == "vanilla" else rm_on_samples(rm_dir(run, a, k), meta, pairs, d)
+            res["rounds"][a].append({"round": k, "rm": mine, "vanilla": vanilla,
+                                     "ppo_gold": [v for _, v in curve(f"{run}/{a}/round{k}/ppo", "objective/gold")]})
+    ppo_runs = {"vanilla_ppo": f"{run}/ppo_vanilla",
+                **{f"{a}/round{k}": f"{run}/{a}/round{k}/ppo" for a in round_arms for k in range(1, R + 1)}}
+    res["figure1"] = {name: curve(p, "shift/dr_var") for name, p in ppo_runs.items()}
     res["figure4"] = {"vanilla": curve(f"{run}/rm", "eval/accuracy"),
-                      **{f"round{k}": curve(f"{run}/round{k}/rm", "eval/accuracy") for k in range(1, R + 1)}}
+                      **{f"{a}/round{k}": curve(rm_dir(run, a, k), "eval/accuracy")
+                         for a in round_arms if base(a) != "vanilla" for k in range(1, R + 1)}}
     res["ppo_curves"] = {name: {"gold": curve(p, "objective/gold"), "score": curve(p, "objective/scores")}
-                         for name, p in [("vanilla_ppo", f"{run}/ppo_vanilla")] +
-                         [(f"round{k}", f"{run}/round{k}/ppo") for k in range(1, R + 1)]}
+                         for name, p in ppo_runs.items()}
     return res
 
 
-def _ppo_steps(run):
-    with open(f"{run}/round1/ppo/args.json") as f:
-        return json.load(f)["steps"]
-
-
 # ---------------------------------------------------------------------------------------------
-# Several seeds, and the report
+# One seed or several: pooled numbers, paired comparisons, the report
 # ---------------------------------------------------------------------------------------------
 def pool(results):
-    """Mean and standard deviation of every number found at the same place in several results."""
+    """Mean and standard deviation over seeds of every number found at the same place."""
     first = results[0]
     if isinstance(first, dict):
         return {k: pool([r[k] for r in results]) for k in first if all(k in r for r in results)}
@@ -300,44 +482,98 @@ def pool(results):
     return first
 
 
+POOLED = ("judge_mean", "table1", "table3", "rounds", "figure1", "figure4", "ppo_curves")  # mean +- std over seeds
+
+
+def report(results, seeds, n_boot):
+    """results: one seed's results.json each -> the pooled report with paired comparisons."""
+    cfg = results[0]["config"]
+    arms, R, steps, margin = cfg["arms"], cfg["rounds"], cfg["ppo_steps"], cfg["tie_margin"]
+    res = pool([{k: r[k] for k in POOLED} for r in results])
+    res["config"] = {**cfg, "seeds": [int(s) for s in seeds],
+                     "settings": {a: results[0]["config"]["settings"][a] for a in arms}}
+    scores = {name: [r["scores"][name] for r in results] for name in results[0]["scores"]}
+    empty = {name: [r["empty"][name] for r in results] for name in results[0]["empty"]}
+    res["gold"] = {name: hierarchical_bootstrap(v, n_boot) for name, v in scores.items()}
+    res["per_seed"] = {str(s): r["judge_mean"] for s, r in zip(seeds, results)}
+    res["comparisons"] = [compare(scores, empty, a, b, margin, n_boot) for a, b in comparison_plan(arms, R, steps)]
+    res["rm_comparisons"] = compare_rms(results)
+    res["table2"] = {}
+    for a in arms:
+        if base(a) == "dpo":
+            continue
+        vs_sft = {c["a"]: c for c in res["comparisons"] if c["b"] == "sft"}
+        best = max(range(1, R + 1), key=lambda k: (vs_sft[f"{a}/round{k}"]["gold_diff"]["mean"], -k))
+        me = f"{a}/round{best}"
+        opponents = ["sft", f"vanilla_ppo/step{R * steps}"] + (["dpo"] if "dpo" in scores else [])
+        res["table2"][a] = {"best_round": best, **{b: compare(scores, empty, me, b, margin, n_boot) for b in opponents}}
+    return res
+
+
+def ci(x, digits=2):
+    return f"{x['mean']:+.{digits}f} [{x['lo']:+.{digits}f}, {x['hi']:+.{digits}f}]"
+
+
 def fmt(x, digits=1):
     if isinstance(x, dict) and "mean" in x:
-        spread = x["std"] > 1e-9 * max(1.0, abs(x["mean"]))  # identical over seeds: no "± 0.000"
+        spread = x.get("std", 0) > 1e-9 * max(1.0, abs(x["mean"]))  # identical over seeds: no "± 0.000"
         return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}" if spread else f"{x['mean']:.{digits}f}"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def markdown(res, seeds):
-    rows = [f"# Iterated RLHF with MetaRM: results ({seeds})", ""]
-    t = lambda r: f"| {fmt(r['win'])} | {fmt(r['tie'])} | {fmt(r['lose'])} |"
-    rows += ["## Table 1: each round's policy against SFT (judge: %s, %% of prompts)" % res["config"]["judge"], "",
-             "| opponent vs SFT | win | tie | lose |", "|---|---|---|---|"]
-    rows += [f"| round {fmt(r['round'], 0)} " + t(r) for r in res["table1"]]
-    t2 = res["table2"]
-    best = t2["best_round"]
-    best = f"round {best}" if isinstance(best, int) else "per seed: round " + ", ".join(map(str, best))
-    rows += ["", f"## Table 2: the best round ({best}) against the baselines", "",
-             "| opponent | win | tie | lose |", "|---|---|---|---|", "| SFT " + t(t2["vs_sft"]),
-             "| vanilla PPO (all rounds' steps) " + t(t2["vs_vanilla_ppo"])]
-    if "vs_vanilla_ppo_1round" in t2:
-        rows.append("| vanilla PPO (one round's steps) " + t(t2["vs_vanilla_ppo_1round"]))
-    rows += ["", "vanilla PPO (all rounds' steps) against SFT: " + t(t2["vanilla_ppo_vs_sft"]).strip("| ").replace(" | ", " / ") + " (win / tie / lose)"]
-    rows += ["", "## Table 3: diversity (Self-BLEU averaged over n = 2..5: lower is more diverse)", "",
+def markdown(res):
+    cfg = res["config"]
+    S, arms = len(cfg["seeds"]), cfg["arms"]
+    seeds = ", ".join(map(str, cfg["seeds"]))
+    rows = [f"# Iterated RLHF: results ({S} seed{'s' * (S > 1)}: {seeds}; {cfg['prompts']} test prompts; judge: {cfg['judge']})", ""]
+    if S == 1:
+        rows += ["One seed: the intervals below cover the test prompts only; a verdict across seeds needs several.", ""]
+    rows += ["Every comparison is paired on (seed, prompt): the mean difference of the judge's scores and of the "
+             "win - lose outcome (in % of prompts), with 95% intervals from a hierarchical bootstrap "
+             "(seeds, then prompts within a seed; see evaluate.hierarchical_bootstrap).", ""]
+    rows += ["## Verdicts", "", "| comparison | gold difference [95% CI] | win - lose, % [95% CI] | verdict |", "|---|---|---|---|"]
+    key = [c for c in res["comparisons"] if c["b"].startswith("vanilla/") or c["b"] == "sft"]
+    rows += [f"| {c['a']} vs {c['b']} | {ci(c['gold_diff'])} | {ci(c['win_minus_lose'], 1)} | {c['verdict']} |" for c in key]
+    rows += ["", "## Mean judge score of each policy [95% CI]", "", "| policy | score |", "|---|---|"]
+    rows += [f"| {k} | {ci(v)} |" for k, v in res["gold"].items()]
+    rows += ["", "## Table 1: each round's policy against SFT (% of prompts, pooled over seeds)", "",
+             "| arm | round | win | tie | lose | win - lose [95% CI] |", "|---|---|---|---|---|---|"]
+    by = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    for a in res["table1"]:
+        for r in res["table1"][a]:
+            c = by[(f"{a}/round{fmt(r['round'], 0)}", "sft")]
+            rows.append(f"| {a} | {fmt(r['round'], 0)} | {c['win']:.1f} | {c['tie']:.1f} | {c['lose']:.1f} | {ci(c['win_minus_lose'], 1)} |")
+    rows += ["", "## Table 2: each arm's best round (highest mean gold difference against SFT) against the baselines", "",
+             "| arm (best round) | opponent | win | tie | lose | gold difference [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
+    for a, t in res["table2"].items():
+        for b, c in t.items():
+            if b != "best_round":
+                rows.append(f"| {a} (round {t['best_round']}) | {b} | {c['win']:.1f} | {c['tie']:.1f} | {c['lose']:.1f} | "
+                            f"{ci(c['gold_diff'])} | {c['verdict']} |")
+    rows += ["", "## Every paired comparison", "", "| a | b | gold difference [95% CI] | win - lose, % [95% CI] | verdict |", "|---|---|---|---|---|"]
+    rows += [f"| {c['a']} | {c['b']} | {ci(c['gold_diff'])} | {ci(c['win_minus_lose'], 1)} | {c['verdict']} |" for c in res["comparisons"]]
+    rows += ["", "## Table 3: diversity (Self-BLEU averaged over n = 2..5: lower is more diverse; mean ± std over seeds)", "",
              "| responses | Self-BLEU | distinct-1 | distinct-2 |", "|---|---|---|---|"]
     rows += [f"| {k} | {fmt(v['self_bleu'], 3)} | {fmt(v['distinct_1'], 3)} | {fmt(v['distinct_2'], 3)} |" for k, v in res["table3"].items()]
-    rows += ["", "## Mean judge score of each policy on the test prompts", "", "| policy | score |", "|---|---|"]
-    rows += [f"| {k} | {fmt(v, 3)} |" for k, v in res["judge_mean"].items()]
-    rows += ["", "## The reward models on the samples of the policy they steer (Figures 4 and 5)", "",
-             "| round | RM | held-out accuracy | J | var dr | share near 0 | gold agreement |", "|---|---|---|---|---|---|---|"]
-    for r in res["rounds"]:
-        for name in ("vanilla", "metarm"):
-            m = r[name]
-            rows.append(f"| {fmt(r['round'], 0)} | {name} | {fmt(m['eval/accuracy'], 3)} | {fmt(m['shift/J'], 4)} | "
-                        f"{fmt(m['shift/dr_var'], 4)} | {fmt(m['shift/dr_near_zero'], 3)} | {fmt(m.get('shift/gold_agreement', float('nan')), 3)} |")
+    rows += ["", "## The reward models on the samples of the policy they steer (Figures 4 and 5; mean ± std over seeds)", "",
+             "| arm | round | RM | held-out accuracy | J | var dr | share near 0 | gold agreement |", "|---|---|---|---|---|---|---|---|"]
+    for a, rounds in res["rounds"].items():
+        for r in rounds:
+            for name in (("vanilla",) if base(a) == "vanilla" else ("vanilla", "rm")):
+                m = r[name]
+                rows.append(f"| {a} | {fmt(r['round'], 0)} | {'vanilla' if name == 'vanilla' else a} | {fmt(m['eval/accuracy'], 3)} | "
+                            f"{fmt(m['shift/J'], 4)} | {fmt(m['shift/dr_var'], 4)} | {fmt(m['shift/dr_near_zero'], 3)} | "
+                            f"{fmt(m.get('shift/gold_agreement', float('nan')), 3)} |")
+    rows += ["", "## Each arm's RM minus the vanilla RM on the same samples (paired on the seed, 95% t-interval)", "",
+             "| arm | round | metric | difference [95% CI] | verdict |", "|---|---|---|---|---|"]
+    rows += [f"| {c['arm']} | {c['round']} | {c['metric']} | {ci(c['diff'], 4)} | {c['verdict']} |" for c in res["rm_comparisons"]]
+    rows += ["", "## Settings", "", f"rounds {cfg['rounds']}, PPO steps per round {cfg['ppo_steps']}, tie margin {cfg['tie_margin']}", ""]
+    rows += [f"- {a}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for a, s in cfg["settings"].items()]
     return "\n".join(rows) + "\n"
 
 
-def figures(res, out_dir):
+def figures(res, first, out_dir):
+    """gold_per_round.png from the pooled report; figure1/4/5.png from the first seed's results."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -345,14 +581,35 @@ def figures(res, out_dir):
     except ImportError:
         print("matplotlib is not installed: figures skipped (pip install matplotlib to draw them)")
         return
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # each arm's gold per round, with its interval
+    R, steps = res["config"]["rounds"], res["config"]["ppo_steps"]
+    lines = {a: [f"{a}/round{k}" for k in range(1, R + 1)] for a in res["table1"]}
+    lines["vanilla PPO (same steps)"] = [f"vanilla_ppo/step{k * steps}" for k in range(1, R + 1)]
+    for i, (name, pols) in enumerate(lines.items()):
+        g = [res["gold"][p] for p in pols]
+        ax.errorbar([k + 0.04 * i for k in range(1, R + 1)], [x["mean"] for x in g], yerr=[[x["mean"] - x["lo"] for x in g], [x["hi"] - x["mean"] for x in g]],
+                    capsize=3, marker="o", label=name)
+    for name in ("sft", "dpo"):
+        if name in res["gold"]:
+            ax.axhline(res["gold"][name]["mean"], linestyle="--", color="gray" if name == "sft" else "black", label=name)
+    ax.set(title="mean gold score per round (95% CI)", xlabel="round", ylabel="gold")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "gold_per_round.png"))
+    plt.close(fig)
     plot = lambda series, title, ylabel, name: _plot(plt, series, title, ylabel, os.path.join(out_dir, name))
-    plot(res["figure1"], "Figure 1: variance of same-prompt reward differences during PPO", "var dr", "figure1.png")
-    plot(res["figure4"], "Figure 4: held-out RM accuracy during training", "accuracy", "figure4.png")
-    fig, axes = plt.subplots(1, len(res["rounds"]), figsize=(4 * len(res["rounds"]), 3), squeeze=False)
-    for ax, r in zip(axes[0], res["rounds"]):
-        for name in ("vanilla", "metarm"):
+    plot(first["figure1"], "Figure 1: variance of same-prompt reward differences during PPO", "var dr", "figure1.png")
+    plot(first["figure4"], "Figure 4: held-out RM accuracy during training", "accuracy", "figure4.png")
+    arms = [a for a in first["rounds"] if base(a) != "vanilla"]
+    if not arms:
+        return
+    rounds = first["rounds"][arms[0]]
+    fig, axes = plt.subplots(1, len(rounds), figsize=(4 * len(rounds), 3), squeeze=False)
+    for ax, r in zip(axes[0], rounds):
+        for name in ("vanilla", "rm"):
             h = r[name]["shift/dr_hist"]
-            ax.bar([i / len(h) + (0.05 if name == "metarm" else 0) for i in range(len(h))], h, width=0.05, label=name)
+            ax.bar([i / len(h) + (0.05 if name == "rm" else 0) for i in range(len(h))], h, width=0.05,
+                   label=arms[0] if name == "rm" else name)
         ax.set_title(f"Figure 5, round {r['round']}: |dr| / max")
         ax.legend()
     fig.tight_layout()
@@ -366,18 +623,19 @@ def _plot(plt, series, title, ylabel, path):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def save(res, out_dir, seeds):
+def save(res, out_dir):
     with open(os.path.join(out_dir, "results.json.tmp"), "w") as f:
         json.dump(res, f, indent=1)
     os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(res, seeds))
+    with open(os.path.join(out_dir, "results.md.tmp"), "w") as f:
+        f.write(markdown(res))
+    os.replace(os.path.join(out_dir, "results.md.tmp"), os.path.join(out_dir, "results.md"))
 
 
 def main(argv=None):
@@ -387,24 +645,28 @@ def main(argv=None):
         seeds = args.seeds.split()
         results = []
         for s in seeds:
-            with open(os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")) as f:
+            path = os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")
+            if not os.path.exists(path):
+                raise runtime.UserError(f"{path} does not exist: evaluate seed {s} first (iterate.sh does)")
+            with open(path) as f:
                 results.append(json.load(f))
-        res = pool(results)
-        best = [r["table2"]["best_round"] for r in results]  # a round is not a number to average
-        res["table2"]["best_round"] = best if len(best) > 1 else best[0]
-        label = f"seeds {', '.join(seeds)}: mean ± standard deviation" if len(seeds) > 1 else f"seed {seeds[0]}"
-        save(res, args.aggregate, label)
-        figures(results[0], args.aggregate)
-        print(markdown(res, label))
+        if any(r["config"]["arms"] != results[0]["config"]["arms"] for r in results):
+            raise runtime.UserError("the seeds were evaluated with different arms: re-run iterate.sh with one ARMS")
+        res = report(results, seeds, args.n_boot)
+        save(res, args.aggregate)
+        figures(res, results[0], args.aggregate)
+        print(markdown(res))
         return
     if args.n_prompts < 100:
         d.print(f"note: {args.n_prompts} test prompts; the paper uses 100")
     res = evaluate(args, d)
     out = os.path.join(args.run_dir, "eval")
-    save(res, out, os.path.basename(args.run_dir.rstrip("/")))
+    seed = os.path.basename(args.run_dir.rstrip("/")).removeprefix("seed")
+    rep = report([res], [seed], args.n_boot)  # this seed's intervals: over prompts only
+    save({**res, **{k: rep[k] for k in ("config", "gold", "comparisons", "rm_comparisons", "table2")}}, out)
     with open(os.path.join(out, "DONE"), "w") as f:
-        json.dump({"stage": "evaluate", "table1": res["table1"], "best_round": res["table2"]["best_round"]}, f)
-    print(json.dumps({"stage": "evaluate", "table1": res["table1"], "best_round": res["table2"]["best_round"]}))
+        json.dump({"stage": "evaluate", "judge_mean": res["judge_mean"]}, f)
+    print(json.dumps({"stage": "evaluate", "judge_mean": res["judge_mean"]}))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# iterate.sh: the paper's iterated-RLHF experiment, end to end.
+# iterate.sh: the paper's iterated-RLHF experiment, end to end, with the controls that tell whether
+# the meta-step helps.
 #
 #   task (embedded default: data + tiny model, built once) -> for each seed:
-#     SFT -> vanilla RM -> vanilla PPO (the baseline: as many steps as all rounds together,
-#     with a snapshot after one round's worth) -> for round k = 1..R:
-#       sample the meta data from pi_{k-1} (pi_0 = SFT) -> MetaRM from the SFT weights ->
-#       PPO from pi_{k-1} with that RM -> pi_k
-#     -> evaluate (win/tie/lose, diversity, the reward models on each round's samples)
-#   -> results.md / results.json in RUN_DIR (mean +- std over seeds)
+#     SFT -> vanilla RM -> vanilla PPO (as many steps as all rounds together, a snapshot after
+#     each round's worth) -> for each arm, round k = 1..R:
+#       sample from pi_{k-1} (pi_0 = SFT; round 1's samples are shared by every arm) ->
+#       that arm's reward model -> PPO from pi_{k-1} with it -> pi_k
+#     -> evaluate (every policy on the same test prompts; paired comparisons)
+#   -> results.md / results.json in RUN_DIR (paired 95% intervals over seeds and prompts)
+#
+# Arms (ARMS), all from the same SFT model, vanilla RM, test prompts and, round by round, the same
+# PPO and sampling seeds (common random numbers: arm differences are not sampling noise):
+#   metarm   the round's RM is MetaRM (metarm.py) trained from SFT on the original pairs, with the
+#            round's samples as meta data
+#   vanilla  the same rounds with the vanilla RM: MetaRM at eta = 0 *is* the vanilla RM (the
+#            meta-step is the only difference; tests/test_metarm.py checks the two agree), so
+#            it is reused. Isolates the meta-step.
+#   oracle   each round, new labels on the policy's own samples (the task's noisy annotator,
+#            ORACLE_PAIRS pairs) added to the original pairs, RM retrained from SFT: what new
+#            human preferences each round would buy. Embedded task only.
+#   dpo      DPO from SFT on the original pairs (dpo.py; the paper's Table 2 baseline); no rounds
+# An arm takes modifiers after '+': eta=<x> and deploy=theta|adapted (metarm), anchor=prev|sft
+# (the PPO KL reference: pi_{k-1} or SFT), e.g. ARMS="metarm metarm+deploy=adapted vanilla+anchor=sft".
 #
 # Every stage runs under torchrun and writes a run folder with a DONE marker written last. A
-# stage whose marker exists is skipped, unless a stage before it ran in this invocation (then it
-# is redone from scratch): a killed run picks up where it stopped, a finished one re-runs in
-# seconds, and deleting one stage's DONE redoes that stage and the ones after it.
+# stage whose marker exists is skipped, unless a stage it depends on ran in this invocation
+# (then it is redone from scratch): a killed run picks up where it stopped, a finished one
+# re-runs in seconds, and deleting one stage's DONE redoes that stage and the ones after it.
 #
 # Settings (environment variables):
 #   RUN_DIR    where everything goes                                  (runs/default)
-#   ROUNDS     MetaRM rounds R (the paper: up to 4-5)                 (3)
+#   ARMS       arms, space separated (see above)                      (metarm vanilla)
+#   ROUNDS     rounds R (the paper: up to 4-5)                        (3)
 #   SEEDS      seeds, space separated, e.g. "1 2 3"                   (1)
+#   JOBS       seeds run side by side: on CPU the cores are divided    (1)
+#              between them, with GPUs each seed gets one (NPROC=1)
 #   META_GRAD  exact | first_order | taylor                           (first_order)
+#   KL_ANCHOR  prev | sft: the KL reference of round k's PPO, pi_{k-1} or SFT; an arm's
+#              +anchor= wins (the paper does not say)                 (prev)
+#   ORACLE_PAIRS  new labelled pairs per round in the oracle arm      (1000)
 #   NPROC      processes per stage                                    (number of GPUs, else 1)
 #   DIST       ddp | fsdp: how each stage wraps its models            (ddp)
 #   OOD        1: meta data, PPO and test prompts from the out-of-distribution prompts
@@ -30,7 +51,7 @@
 #   PPO_STEPS  PPO steps per round                                    (20)
 #   META_N     prompts sampled (k = 5 responses each) for each round's meta data; 0: all  (256)
 #   JUDGE      gold | a reward-model folder for the evaluation       (gold)
-#   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS EVAL_ARGS   extra flags for one stage
+#   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS EVAL_ARGS   extra flags for one stage
 #   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (see README)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,16 +61,21 @@ if [ -n "${PRESET:-}" ]; then  # a preset sets what the environment has not; the
   source "presets/$PRESET.sh"
 fi
 RUN_DIR=${RUN_DIR:-runs/default}
+ARMS=${ARMS:-metarm vanilla}
 ROUNDS=${ROUNDS:-3}
 SEEDS=${SEEDS:-1}
+JOBS=${JOBS:-1}
 META_GRAD=${META_GRAD:-first_order}
+KL_ANCHOR=${KL_ANCHOR:-prev}
+ORACLE_PAIRS=${ORACLE_PAIRS:-1000}
 DIST=${DIST:-ddp}
 OOD=${OOD:-0}
 PPO_STEPS=${PPO_STEPS:-20}
 META_N=${META_N:-256}
 JUDGE=${JUDGE:-gold}
+NGPU=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
 if [ -z "${NPROC:-}" ]; then
-  NPROC=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
+  NPROC=$NGPU
   [ "$NPROC" -gt 0 ] || NPROC=1
 fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the default run never touches the network
@@ -66,20 +92,157 @@ OOD_TEST_PROMPTS=${OOD_TEST_PROMPTS:-$DATA/prompts_ood_test.jsonl}
 if [ "$OOD" = 1 ]; then PROMPTS=$OOD_PROMPTS; TEST_PROMPTS=$OOD_TEST_PROMPTS; fi
 COMMON="--strategy $DIST"
 
+# ---- every choice is checked before the first stage runs --------------------------------------
+fail() { echo "iterate.sh: $*" >&2; exit 2; }
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+case "$META_GRAD" in exact|first_order|taylor) ;; *) fail "META_GRAD=$META_GRAD: use exact, first_order or taylor";; esac
+case "$DIST" in ddp|fsdp) ;; *) fail "DIST=$DIST: use ddp or fsdp";; esac
+case "$KL_ANCHOR" in prev|sft) ;; *) fail "KL_ANCHOR=$KL_ANCHOR: use prev or sft";; esac
+case "$OOD" in 0|1) ;; *) fail "OOD=$OOD: use 0 or 1";; esac
+for v in ROUNDS JOBS PPO_STEPS NPROC ORACLE_PAIRS; do
+  is_int "${!v}" && [ "${!v}" -ge 1 ] || fail "$v=${!v}: a whole number >= 1"
+done
+is_int "$META_N" || fail "META_N=$META_N: a whole number (0: all prompts)"
+for S in $SEEDS; do is_int "$S" || fail "SEEDS: '$S' is not a whole number"; done
+[ -n "$SEEDS" ] || fail "SEEDS is empty"
+[ -n "$ARMS" ] || fail "ARMS is empty"
+arm_base() { echo "${1%%+*}"; }
+arm_mod() {  # arm_mod ARM KEY DEFAULT: the value of +KEY=value in the arm's name, else DEFAULT
+  local m
+  if [[ "$1" == *+* ]]; then
+    for m in $(echo "${1#*+}" | tr '+' ' '); do
+      [ "${m%%=*}" = "$2" ] && { echo "${m#*=}"; return; }
+    done
+  fi
+  echo "$3"
+}
+for A in $ARMS; do
+  B=$(arm_base "$A")
+  case "$B" in metarm|vanilla|oracle|dpo) ;; *) fail "ARMS: unknown arm '$B' in '$A' (metarm, vanilla, oracle, dpo)";; esac
+  if [ "$A" != "$B" ]; then
+    for m in $(echo "${A#*+}" | tr '+' ' '); do
+      k=${m%%=*}; v=${m#*=}
+      [ "$k" != "$m" ] || fail "ARMS: '$m' in '$A' is not key=value"
+      case "$B:$k" in
+        metarm:eta) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "ARMS: eta=$v in '$A' is not a number >= 0";;
+        metarm:deploy) case "$v" in theta|adapted) ;; *) fail "ARMS: deploy=$v in '$A': theta or adapted";; esac;;
+        metarm:anchor|vanilla:anchor|oracle:anchor) case "$v" in prev|sft) ;; *) fail "ARMS: anchor=$v in '$A': prev or sft";; esac;;
+        *) fail "ARMS: '$k' is not a setting of the $B arm (metarm: eta, deploy, anchor; vanilla, oracle: anchor)";;
+      esac
+    done
+  fi
+  if [ "$B" = oracle ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
+    fail "ARMS: the oracle arm labels with the embedded task's annotator; it needs the embedded task's data"
+  fi
+done
+
 launch() { torchrun --standalone --nproc_per_node "$NPROC" "$@"; }
 
 DIRTY=0
+RAN=0
 TIMES=""
 stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
   local name=$1 out=$2 marker=$3; shift 3
   if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then echo "[skip] $name"; return 0; fi
   if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
   DIRTY=1
+  RAN=1
   echo "[run ] $name"
   local t0=$SECONDS
   "$@" || { echo "iterate.sh: stage '$name' failed (its folder: $out); fix and re-run to resume"; exit 1; }
   TIMES="$TIMES$name: $((SECONDS - t0)) s\n"
   echo "[done] $name ($((SECONDS - t0)) s)"
+}
+
+run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
+  local SEED=$1 A=$2 R="$RUN_DIR/seed$1" B K POLICY RM REF ANCHOR
+  B=$(arm_base "$A")
+  ANCHOR=$(arm_mod "$A" anchor "$KL_ANCHOR")
+  POLICY="$R/sft"
+  for K in $(seq 1 "$ROUNDS"); do
+    local D="$R/$A/round$K"
+    if [ "$K" = 1 ]; then  # pi_0 = SFT for every arm: the same samples, copied
+      stage "seed $SEED $A round 1: meta data (the SFT samples)" "$D/meta.jsonl" "$D/meta.jsonl" \
+        bash -c "mkdir -p '$D' && cp '$R/sft_samples/meta.jsonl' '$D/meta.jsonl'"
+    else
+      stage "seed $SEED $A round $K: sample from $(basename "$(dirname "$POLICY")")" "$D/meta.jsonl" "$D/meta.jsonl" \
+        launch ppo.py $COMMON --sample_only --policy_dir "$POLICY" --prompts "$PROMPTS" --out "$D/meta.jsonl" \
+          --max_prompts "$META_N" --seed "$((SEED * 100 + K))" ${SAMPLE_ARGS:-}
+    fi
+    case "$B" in
+      metarm)
+        RM="$D/rm"
+        stage "seed $SEED $A round $K: MetaRM ($META_GRAD)" "$D/rm" "$D/rm/DONE" \
+          launch metarm.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --meta_data "$D/meta.jsonl" \
+            --meta_grad "$META_GRAD" --output_dir "$D/rm" --seed "$SEED" ${METARM_ARGS:-} $(metarm_flags "$A");;
+      vanilla)
+        RM="$R/rm";;
+      oracle)
+        RM="$D/rm"
+        stage "seed $SEED $A round $K: $ORACLE_PAIRS new labels on the samples" "$D/pairs.jsonl" "$D/pairs.jsonl" \
+          bash -c "python task.py --label '$D/meta.jsonl' --out '$D/new_pairs.jsonl' --pairs '$ORACLE_PAIRS' --seed '$((SEED * 100 + K))' \
+                   && cat '$PAIRS' '$D/new_pairs.jsonl' > '$D/pairs.jsonl.tmp' && mv '$D/pairs.jsonl.tmp' '$D/pairs.jsonl'"
+        stage "seed $SEED $A round $K: reward model on the original + new pairs" "$D/rm" "$D/rm/DONE" \
+          launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$D/pairs.jsonl" --eval_data "$EVAL_PAIRS" \
+            --output_dir "$D/rm" --seed "$SEED" ${RM_ARGS:-};;
+    esac
+    REF=""
+    [ "$ANCHOR" = sft ] && REF="$R/sft"
+    stage "seed $SEED $A round $K: PPO from $(basename "$(dirname "$POLICY")")/$(basename "$POLICY")" "$D/ppo" "$D/ppo/DONE" \
+      launch ppo.py $COMMON --policy_dir "$POLICY" --ref_dir "$REF" --rm_dir "$RM" --prompts "$PROMPTS" --output_dir "$D/ppo" \
+        --steps "$PPO_STEPS" --seed "$((SEED * 100 + K))" ${PPO_ARGS:-}
+    POLICY="$D/ppo"
+  done
+}
+
+metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METARM_ARGS: they win)
+  local f=""
+  [ "$(arm_mod "$1" eta "")" = "" ] || f="--eta $(arm_mod "$1" eta "")"
+  [ "$(arm_mod "$1" deploy "")" = "" ] || f="$f --deploy $(arm_mod "$1" deploy "")"
+  echo "$f"
+}
+
+run_seed() {  # every stage of one seed, then its evaluation
+  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY A
+  RAN=0
+  DIRTY=$AFTER_TASK
+  stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
+    launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
+  SFT_DIRTY=$DIRTY
+  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
+    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
+  BASE_DIRTY=$DIRTY
+  # the same PPO seed as every arm's round 1: with KL_ANCHOR either way, its first PPO_STEPS
+  # steps are the vanilla arm's round 1
+  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
+    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
+      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
+  DIRTY=$SFT_DIRTY
+  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/meta.jsonl" \
+    launch ppo.py $COMMON --sample_only --policy_dir "$R/sft" --prompts "$PROMPTS" --out "$R/sft_samples/meta.jsonl" \
+      --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+  SAMPLE_DIRTY=$DIRTY
+  for A in $ARMS; do
+    if [ "$(arm_base "$A")" = dpo ]; then
+      DIRTY=$SFT_DIRTY
+      stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
+        launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
+          --seed "$SEED" ${DPO_ARGS:-}
+    else
+      DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
+      run_arm "$SEED" "$A"
+    fi
+  done
+  local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
+  [ "$RAN" = 0 ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
+  [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
+  DIRTY=0
+  stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
+    torchrun --standalone --nproc_per_node 1 evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
+      --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
+  echo "$key" > "$R/eval/key"
+  printf "\nseed $SEED stage times:\n$TIMES"
 }
 
 T_START=$SECONDS
@@ -88,35 +251,34 @@ if [ "$MODEL" = "$RUN_DIR/task/base_model" ] || [ "$DATA" = "$RUN_DIR/task/data"
 fi
 AFTER_TASK=$DIRTY
 
-for SEED in $SEEDS; do
-  DIRTY=$AFTER_TASK
-  R="$RUN_DIR/seed$SEED"
-  stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
-    launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
-  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
-    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
-      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
-  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
-    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
-      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$SEED" ${PPO_ARGS:-}
-  POLICY="$R/sft"
-  for K in $(seq 1 "$ROUNDS"); do
-    stage "seed $SEED round $K: sample the meta data from $(basename "$POLICY")" "$R/round$K/meta.jsonl" "$R/round$K/meta.jsonl" \
-      launch ppo.py $COMMON --sample_only --policy_dir "$POLICY" --prompts "$PROMPTS" --out "$R/round$K/meta.jsonl" \
-        --max_prompts "$META_N" --seed "$((SEED * 100 + K))" ${SAMPLE_ARGS:-}
-    stage "seed $SEED round $K: MetaRM ($META_GRAD)" "$R/round$K/rm" "$R/round$K/rm/DONE" \
-      launch metarm.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --meta_data "$R/round$K/meta.jsonl" \
-        --meta_grad "$META_GRAD" --output_dir "$R/round$K/rm" --seed "$SEED" ${METARM_ARGS:-}
-    stage "seed $SEED round $K: PPO from $(basename "$POLICY")" "$R/round$K/ppo" "$R/round$K/ppo/DONE" \
-      launch ppo.py $COMMON --policy_dir "$POLICY" --rm_dir "$R/round$K/rm" --prompts "$PROMPTS" --output_dir "$R/round$K/ppo" \
-        --steps "$PPO_STEPS" --seed "$((SEED * 100 + K))" ${PPO_ARGS:-}
-    POLICY="$R/round$K/ppo"
+if [ "$JOBS" = 1 ]; then
+  for SEED in $SEEDS; do run_seed "$SEED"; done
+else  # seeds side by side, each in its own log; the cores (or GPUs) divided between them
+  if [ "$NGPU" -gt 0 ]; then
+    NPROC=1
+  else
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+  fi
+  declare -A SEED_OF=()
+  failed=""
+  reap() {  # wait for one seed to end
+    local pid st=0
+    wait -n -p pid || st=$?
+    if [ "$st" = 0 ]; then echo "[seed ${SEED_OF[$pid]}] done"; else echo "[seed ${SEED_OF[$pid]}] failed"; failed="$failed ${SEED_OF[$pid]}"; fi
+    unset "SEED_OF[$pid]"
+  }
+  slot=0
+  for SEED in $SEEDS; do
+    while [ "${#SEED_OF[@]}" -ge "$JOBS" ]; do reap; done
+    [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$(( slot % NGPU ))
+    echo "[seed $SEED] running, log: $RUN_DIR/seed$SEED.log"
+    ( run_seed "$SEED" ) > "$RUN_DIR/seed$SEED.log" 2>&1 &
+    SEED_OF[$!]=$SEED
+    slot=$((slot + 1))
   done
-  stage "seed $SEED: evaluate" "$R/eval" "$R/eval/DONE" \
-    torchrun --standalone --nproc_per_node 1 evaluate.py --run_dir "$R" --rounds "$ROUNDS" --prompts "$TEST_PROMPTS" \
-      --pairs "$EVAL_PAIRS" --sft_data "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
-done
+  while [ "${#SEED_OF[@]}" -gt 0 ]; do reap; done
+  [ -z "$failed" ] || fail "seed(s)$failed failed: see $RUN_DIR/seed<S>.log, fix and re-run to resume"
+fi
 
-python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS"
-printf "\nstage times:\n$TIMES"
+python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS" --arms "$ARMS"
 echo "total: $((SECONDS - T_START)) s. Report: $RUN_DIR/results.md (numbers: $RUN_DIR/results.json)"

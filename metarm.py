@@ -65,9 +65,9 @@ class Args:
     strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
-    deploy: str = arg("adapted", "which RM to save: 'adapted' = theta + eta grad J(theta; S), the meta-process "
-                      "applied once more on all of S (where L was trained to be low); 'theta' = Algorithm 1's "
-                      "last line, theta itself", ["adapted", "theta"])
+    deploy: str = arg("theta", "which RM to save: 'theta' = Algorithm 1's last line, theta itself; 'adapted' = "
+                      "theta + eta grad J(theta; S), the meta-process applied once more on all of S (an option of "
+                      "this project, not of the paper)", ["theta", "adapted"])
     check: bool = arg(False, "print the gradient-check table instead of training")
 
 

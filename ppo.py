@@ -3,7 +3,8 @@ output distribution shifts away from what the reward model was trained on. Also 
 step of MetaRM: `--sample_only` writes k policy samples per prompt, the meta data S.
 
 Four models: the policy pi (trained) and the frozen reference pi_ref, both loaded from
---policy_dir (SFT, or the previous round's policy); the frozen reward model r (--rm_dir); the
+--policy_dir (SFT, or the previous round's policy) unless --ref_dir names another reference
+(the paper does not say which reference later rounds use); the frozen reward model r (--rm_dir); the
 critic V, initialised from the reward model and read at every response token. One PPO step:
   1. roll out: sample responses to a batch of queries (left-padded; PAD is not EOS)
   2. score: log-probabilities under pi and pi_ref (logits / temperature, as when sampling),
@@ -44,6 +45,7 @@ from runtime import arg
 @dataclasses.dataclass
 class Args:
     policy_dir: str = arg("runs/default/sft", "policy and frozen reference: SFT or the previous round's policy")
+    ref_dir: str = arg("", "the frozen KL reference pi_ref ('': --policy_dir); iterate.sh's KL_ANCHOR=sft passes the SFT model")
     rm_dir: str = arg("runs/default/rm", "the frozen reward model (the critic starts from it too)")
     prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "queries: {prompt} rows or HH-RLHF rows")
     output_dir: str = arg("runs/default/ppo", "run folder (a save_pretrained policy when done)")
@@ -366,7 +368,7 @@ def train(args, d):
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
-    ref = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
+    ref = runtime.wrap(runtime.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
     reward = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
     critic = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)

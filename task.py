@@ -16,6 +16,8 @@ from a seed:
     with `save_pretrained`, so every stage loads it exactly as it would load a hub model.
 
     python task.py --out_dir runs/default/task      # writes data/ and base_model/
+    python task.py --label runs/default/seed1/oracle/round2/meta.jsonl \
+        --out runs/default/seed1/oracle/round2/new_pairs.jsonl --pairs 1000   # the oracle's labels
 
 The responses are built from clauses ("first heat the pan .", "hope this helps .") so a model of
 about a million parameters learns the language in a couple of minutes on two CPU cores. The judge
@@ -312,6 +314,21 @@ def sample_pairs(rng, prompts, n):
     return pairs
 
 
+def label_samples(rng, meta, n_pairs, agreement):
+    """The oracle of iterate.sh's `oracle` arm: new preference labels on a policy's own samples,
+    what collecting fresh human labels each round would buy. meta: [(prompt, [k responses])].
+    Up to n_pairs pairs of two different, non-empty responses to one prompt, drawn at random,
+    labelled by the task's noisy annotator at the same agreement with the gold order. A response
+    that opens a new dialogue turn cannot be written as an HH-RLHF transcript: it is left out,
+    and counted. Returns (rows, tau, agreement, responses left out)."""
+    writable = lambda r: r.strip() and HUMAN not in r and ASSISTANT not in r
+    left_out = sum(not writable(r) for _, rs in meta for r in rs)
+    candidates = [(p, rs[i], rs[j]) for p, rs in meta for i in range(len(rs)) for j in range(i + 1, len(rs))
+                  if writable(rs[i]) and writable(rs[j]) and rs[i].strip() != rs[j].strip()]
+    rng.shuffle(candidates)
+    return (*label_pairs(rng, candidates[:n_pairs], agreement), left_out)
+
+
 def write_jsonl(path, rows):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -404,7 +421,27 @@ def build_base_model(data_dir, out_dir, seed=0, vocab_size=1024, hidden_size=128
     return sum(p.numel() for p in model.parameters())
 
 
-def main():
+def label_main(args):
+    import data  # the project's loader: a bad meta-data row is one line naming file and row
+    if not args.out or args.pairs < 1:
+        raise SystemExit("task.py --label: give --out <pairs file> and --pairs >= 1")
+    meta = [(p, rs) for p, rs, _ in data.load_meta(args.label)]
+    if not all(is_task_prompt(p) for p, _ in meta):
+        raise SystemExit(f"task.py --label: {args.label} holds prompts the embedded task's annotator "
+                         "does not know; the oracle only exists for the embedded task")
+    rows, tau, agree, left_out = label_samples(random.Random(args.seed), meta, args.pairs, args.agreement)
+    if not rows:
+        raise SystemExit(f"task.py --label: {args.label} has no two different writable responses to one prompt")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, rows)
+    summary = {"stage": "label", "meta_data": args.label, "pairs": len(rows), "budget": args.pairs,
+               "bt_temperature": tau, "label_agreement": agree, "out": args.out,
+               "responses_left_out": left_out, "why_left_out": "empty, or opens a new dialogue turn"}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out_dir", default="runs/default/task",
@@ -415,7 +452,13 @@ def main():
     ap.add_argument("--hidden_size", type=int, default=128, help="width of the tiny Llama")
     ap.add_argument("--num_layers", type=int, default=4, help="decoder layers of the tiny Llama")
     ap.add_argument("--intermediate_size", type=int, default=384, help="MLP width of the tiny Llama")
-    args = ap.parse_args()
+    ap.add_argument("--label", default="", help="instead: label pairs of this meta-data file's samples "
+                    "(k responses per prompt) with the noisy annotator, into --out")
+    ap.add_argument("--out", default="", help="with --label: the preference-pair file to write")
+    ap.add_argument("--pairs", type=int, default=1000, help="with --label: how many pairs (the labelling budget)")
+    args = ap.parse_args(argv)
+    if args.label:
+        return label_main(args)
     data_dir = os.path.join(args.out_dir, "data")
     summary = build_data(data_dir, seed=args.seed, agreement=args.agreement)
     n_params = build_base_model(data_dir, os.path.join(args.out_dir, "base_model"), seed=args.seed,

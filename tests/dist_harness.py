@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import dpo  # noqa: E402
 import metarm  # noqa: E402
 import ppo  # noqa: E402
 import reward_model as rm  # noqa: E402
@@ -28,6 +29,8 @@ def stages(strategy, out, micro):
               "--max_steps", "3", "--global_batch", "8", *s])
     rm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
              "--output_dir", f"{out}/rm", "--max_steps", "3", "--global_batch", "8", *s])
+    dpo.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
+              "--output_dir", f"{out}/dpo", "--max_steps", "3", "--global_batch", "8", *s])
     modes = ["first_order"] + (["exact", "taylor"] if strategy != "fsdp" else [])
     if strategy == "fsdp":  # the second-order forms must refuse, with the reason
         try:

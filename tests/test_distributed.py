@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) under torchrun, with DDP and with FSDP2, against one process with
-the same global batches: every stage logs the same losses (relative tolerance 1e-4: only the
+the same global batches: every stage (DPO included) logs the same losses (relative tolerance 1e-4: only the
 order of floating-point sums differs), a first_order meta-step updates the parameters alike,
 a PPO update on fixed roll-outs gives the same losses, checkpoints reload across world sizes,
 and FSDP2 holds half of the parameters on each process."""
@@ -34,7 +34,8 @@ def runs(micro, micro_sft, micro_rm, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("stage,key", [("sft", "train/loss"), ("rm", "train/loss"), ("metarm_first_order", "train/L"),
+@pytest.mark.parametrize("stage,key", [("sft", "train/loss"), ("rm", "train/loss"), ("dpo", "train/loss"),
+                                       ("metarm_first_order", "train/L"),
                                        ("metarm_exact", "train/L"), ("metarm_taylor", "train/L")])
 def test_stage_losses_match_one_process(runs, strategy, stage, key):
     if strategy == "fsdp" and stage in ("metarm_exact", "metarm_taylor"):

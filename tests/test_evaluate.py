@@ -58,3 +58,66 @@ def test_self_bleu_against_the_obvious_loop():
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 10))) for _ in range(25)]
     for n in (2, 3, 4, 5):
         assert ev.self_bleu(texts, n) == pytest.approx(slow_self_bleu(texts, n), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired statistics
+# ---------------------------------------------------------------------------------------------
+def test_t_quantiles_against_the_table():
+    for df, want in ((1, 12.7062), (3, 3.18245), (7, 2.36462), (15, 2.13145), (math.inf, 1.95996)):
+        assert ev.t_quantile(0.975, df) == pytest.approx(want, rel=2e-4)
+
+
+def nested(rng, S, P, diff, seed_sd=0.3, prompt_sd=1.0):
+    """Paired differences with a known mean: a seed effect, then per-prompt noise within the seed."""
+    return diff + rng.normal(0, seed_sd, (S, 1)) + rng.normal(0, prompt_sd, (S, P))
+
+
+def test_bootstrap_interval_covers_the_true_difference_95_percent_of_the_time():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for S in (4, 8):
+        reps, hits = 300, 0
+        for r in range(reps):
+            ci = ev.hierarchical_bootstrap(nested(rng, S, 40, 0.2), n_boot=400, seed=r)
+            hits += ci["lo"] <= 0.2 <= ci["hi"]
+        assert 0.92 <= hits / reps <= 0.99, (S, hits / reps)
+
+
+def test_bootstrap_interval_shrinks_with_more_seeds():
+    import numpy as np
+    rng = np.random.default_rng(1)
+    width = {S: np.mean([(lambda c: c["hi"] - c["lo"])(ev.hierarchical_bootstrap(nested(rng, S, 40, 0.0), n_boot=300, seed=r))
+                         for r in range(40)]) for S in (4, 16)}
+    assert width[16] < 0.5 * width[4]
+
+
+def test_bootstrap_with_one_seed_is_over_prompts():
+    import numpy as np
+    x = np.random.default_rng(2).normal(1.0, 2.0, (1, 400))
+    ci = ev.hierarchical_bootstrap(x, n_boot=4000)
+    se = x.std() / math.sqrt(400)
+    assert ci["mean"] == pytest.approx(x.mean())
+    assert ci["se"] == pytest.approx(se, rel=0.06)
+    assert ci["hi"] - ci["mean"] == pytest.approx(1.95996 * ci["se"], rel=1e-3)
+
+
+def test_verdict_by_hand():
+    t7 = ev.t_quantile(0.975, 7)
+    assert ev.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 8) == "better"
+    assert ev.verdict({"lo": -0.5, "hi": -0.01, "se": 0.1}, 8) == "worse"
+    v = ev.verdict({"lo": -0.2, "hi": 0.3, "se": 0.1}, 8)
+    assert v.startswith("no detectable difference") and f"{(t7 + 0.8416) * 0.1:.2f}" in v  # 0.32
+    assert ev.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 1).startswith("one seed")
+
+
+def test_compare_by_hand():
+    # two seeds, three prompts; a beats b by 1.0, ties (|0.05| < 0.1), loses by 0.5 / wins, wins, ties
+    scores = {"a": [[1.0, 0.05, 0.0], [2.0, 1.0, 0.0]], "b": [[0.0, 0.0, 0.5], [1.0, 0.0, 0.0]]}
+    empty = {"a": [[False] * 3] * 2, "b": [[False] * 3] * 2}
+    c = ev.compare(scores, empty, "a", "b", 0.1, n_boot=200)
+    assert c["gold_diff"]["mean"] == pytest.approx((1.0 + 0.05 - 0.5 + 1.0 + 1.0 + 0.0) / 6)
+    assert c["per_seed_gold_diff"] == pytest.approx([0.55 / 3, 2.0 / 3])
+    assert (c["win"], c["tie"], c["lose"]) == pytest.approx((100 * 3 / 6, 100 * 2 / 6, 100 * 1 / 6))
+    assert c["win_minus_lose"]["mean"] == pytest.approx(100 * 2 / 6)
+    assert (c["seeds"], c["prompts"]) == (2, 3)

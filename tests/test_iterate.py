@@ -1,24 +1,31 @@
-"""iterate.sh end to end on the micro task: one round, a few steps per stage. The report has every
-documented field; a second invocation skips every stage; deleting one stage's marker redoes that
-stage and the ones after it, and only those."""
+"""iterate.sh end to end on the micro task: one round, a few steps per stage, every arm. The report has
+every documented field; a second invocation skips every stage; deleting one stage's marker redoes that
+stage and the ones that depend on it, and only those; a bad setting stops it before the first stage."""
 import json
 import os
 import re
 import subprocess
 
+import pytest
+
 import evaluate
 from conftest import ROOT
 
+ARMS = "metarm vanilla oracle dpo"
 
-def iterate(run_dir, micro):
+
+def iterate(run_dir, micro, check=True, **extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN_DIR": run_dir, "MODEL": micro["base"], "DATA": micro["data"],
-           "ROUNDS": "1", "PPO_STEPS": "2", "META_N": "8", "NPROC": "1",
+           "ARMS": ARMS, "ROUNDS": "1", "PPO_STEPS": "2", "META_N": "8", "NPROC": "1", "ORACLE_PAIRS": "16",
            "SFT_ARGS": "--max_steps 4 --global_batch 16",
            "RM_ARGS": "--max_steps 4 --global_batch 16 --eval_every 1000",
            "METARM_ARGS": "--max_steps 3 --global_batch 8 --meta_batch 2 --eval_every 1000",
+           "DPO_ARGS": "--max_steps 3 --global_batch 8 --eval_every 1000",
            "PPO_ARGS": "--queries 4 --rollouts_per_query 2 --max_new_tokens 12",
-           "SAMPLE_ARGS": "--max_new_tokens 12", "EVAL_ARGS": "--n_prompts 20 --max_new_tokens 12"}
+           "SAMPLE_ARGS": "--max_new_tokens 12", "EVAL_ARGS": "--n_prompts 20 --max_new_tokens 12 --n_boot 200", **extra}
     p = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not check:
+        return p
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
     skipped = re.findall(r"^\[skip\] (.*)$", p.stdout, re.M)
@@ -28,29 +35,48 @@ def iterate(run_dir, micro):
 def test_iterate_end_to_end(micro, tmp_path):
     run_dir = str(tmp_path / "run")
     stages = ["seed 1: sft", "seed 1: vanilla reward model", "seed 1: vanilla PPO (2 steps)",
-              "seed 1 round 1: sample the meta data from sft", "seed 1 round 1: MetaRM (first_order)",
-              "seed 1 round 1: PPO from sft", "seed 1: evaluate"]
+              "seed 1: sample the meta data from sft",
+              "seed 1 metarm round 1: meta data (the SFT samples)", "seed 1 metarm round 1: MetaRM (first_order)",
+              "seed 1 metarm round 1: PPO from seed1/sft",
+              "seed 1 vanilla round 1: meta data (the SFT samples)", "seed 1 vanilla round 1: PPO from seed1/sft",
+              "seed 1 oracle round 1: meta data (the SFT samples)", "seed 1 oracle round 1: 16 new labels on the samples",
+              "seed 1 oracle round 1: reward model on the original + new pairs", "seed 1 oracle round 1: PPO from seed1/sft",
+              "seed 1: DPO", "seed 1: evaluate"]
     ran, skipped, out = iterate(run_dir, micro)
     assert ran == stages and skipped == []
 
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     assert set(res) == set(evaluate.RESULT_FIELDS)
-    assert set(res["judge_mean"]) == {"sft", "vanilla_ppo", "round1"}
-    t1 = res["table1"][0]
-    assert t1["round"]["mean"] == 1
+    policies = {"sft", "vanilla_ppo/step2", "dpo", "metarm/round1", "vanilla/round1", "oracle/round1"}
+    assert set(res["judge_mean"]) == set(res["gold"]) == policies
+    cfg = res["config"]
+    assert cfg["arms"] == ARMS.split() and cfg["seeds"] == [1] and cfg["ppo_steps"] == 2
+    assert cfg["settings"]["metarm"]["deploy"] == "theta" and cfg["settings"]["metarm"]["eta"] == 0.5
+    assert cfg["settings"]["oracle"]["new_pairs_per_round"] == 16 and cfg["settings"]["dpo"]["beta"] == 0.1
+    assert {c["kl_anchor"] for a, c in cfg["settings"].items() if a != "dpo"} == {"prev"}
+    pairs = {(c["a"], c["b"]) for c in res["comparisons"]}
+    assert {("metarm/round1", "sft"), ("metarm/round1", "vanilla/round1"), ("metarm/round1", "vanilla_ppo/step2"),
+            ("metarm/round1", "dpo"), ("oracle/round1", "vanilla/round1"), ("dpo", "sft")} <= pairs
+    for c in res["comparisons"]:
+        assert c["gold_diff"]["lo"] <= c["gold_diff"]["mean"] <= c["gold_diff"]["hi"]
+        assert abs(c["win"] + c["tie"] + c["lose"] - 100) < 1e-6 and c["verdict"].startswith("one seed")
+    # the vanilla arm's round 1 is vanilla PPO's first PPO_STEPS steps (same RM, seed and reference)
+    assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
+    assert {c["metric"] for c in res["rm_comparisons"]} == set(evaluate.RM_METRICS)
+    assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "oracle"}
+    t1 = res["table1"]["metarm"][0]
     assert abs(t1["win"]["mean"] + t1["tie"]["mean"] + t1["lose"]["mean"] - 100) < 1e-6
-    assert {"vs_sft", "vs_vanilla_ppo", "vanilla_ppo_vs_sft", "best_round"} <= set(res["table2"])
-    assert set(res["table3"]) == {"raw_data", "sft", "vanilla_ppo", "round1"}
-    assert {"self_bleu", "self_bleu_2", "self_bleu_5", "distinct_1", "distinct_2"} <= set(res["table3"]["sft"])
-    for which in ("metarm", "vanilla"):
-        assert set(evaluate.ROUND_RM_FIELDS) <= set(res["rounds"][0][which])
-    assert len(res["rounds"][0]["ppo_gold"]) == 2
-    assert res["figure1"]["vanilla_ppo"] and res["figure4"]["vanilla"]
-    assert res["ppo_curves"]["round1"]["gold"][-1][0] == {"mean": 2, "std": 0.0}
+    assert set(res["table2"]) == {"metarm", "vanilla", "oracle"}
+    assert {"raw_data", "sft", "dpo", "oracle/round1"} <= set(res["table3"])
+    for arm in ("metarm", "vanilla", "oracle"):
+        assert set(evaluate.ROUND_RM_FIELDS) <= set(res["rounds"][arm][0]["rm"])
+        assert len(res["rounds"][arm][0]["ppo_gold"]) == 2
+    assert res["figure1"]["vanilla_ppo"] and res["figure4"]["vanilla"] and res["figure4"]["oracle/round1"]
+    assert res["ppo_curves"]["metarm/round1"]["gold"][-1][0] == {"mean": 2, "std": 0.0}
     with open(os.path.join(run_dir, "results.md")) as f:
         md = f.read()
-    assert "Table 1" in md and "Table 2" in md and "Table 3" in md
+    assert "Verdicts" in md and "Table 1" in md and "Table 2" in md and "Table 3" in md
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert all(f"`{field}`" in readme for field in evaluate.RESULT_FIELDS), "README must document results.json"
@@ -58,9 +84,48 @@ def test_iterate_end_to_end(micro, tmp_path):
     ran, skipped, _ = iterate(run_dir, micro)
     assert ran == [] and skipped == stages
 
-    stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "round1", "rm", "DONE"))
-    os.remove(os.path.join(run_dir, "seed1", "round1", "ppo", "DONE"))
+    stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE"))
+    os.remove(os.path.join(run_dir, "seed1", "oracle", "round1", "rm", "DONE"))
     ran, skipped, _ = iterate(run_dir, micro)
-    assert skipped == stages[:5] and ran == stages[5:]
-    assert os.path.getmtime(os.path.join(run_dir, "seed1", "round1", "rm", "DONE")) == stamp
-    assert os.path.exists(os.path.join(run_dir, "results.json"))
+    assert ran == ["seed 1 oracle round 1: reward model on the original + new pairs",
+                   "seed 1 oracle round 1: PPO from seed1/sft", "seed 1: evaluate"]
+    assert os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE")) == stamp
+
+    # another arm set on the same folder: only the new arm runs, the evaluation is redone
+    ran, _, _ = iterate(run_dir, micro, ARMS="vanilla+anchor=sft")
+    assert ran == ["seed 1 vanilla+anchor=sft round 1: meta data (the SFT samples)",
+                   "seed 1 vanilla+anchor=sft round 1: PPO from seed1/sft", "seed 1: evaluate"]
+    with open(os.path.join(run_dir, "results.json")) as f:
+        assert json.load(f)["config"]["settings"]["vanilla+anchor=sft"]["kl_anchor"] == "sft"
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"ARMS": "metarm bogus"}, "unknown arm 'bogus'"),
+    ({"ARMS": "metarm+eta=-1"}, "eta=-1"),
+    ({"ARMS": "vanilla+eta=0.1"}, "'eta' is not a setting of the vanilla arm"),
+    ({"ARMS": "metarm+deploy=both"}, "deploy=both"),
+    ({"META_GRAD": "exakt"}, "META_GRAD=exakt"),
+    ({"JOBS": "0"}, "JOBS=0"),
+    ({"KL_ANCHOR": "ref"}, "KL_ANCHOR=ref"),
+])
+def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
+    p = iterate(str(tmp_path / "run"), micro, check=False, **setting)
+    assert p.returncode == 2 and message in p.stderr and "[run ]" not in p.stdout, p.stdout + p.stderr
+    assert not os.path.exists(tmp_path / "run" / "seed1")
+
+
+def test_seeds_side_by_side_equal_seeds_one_after_another(micro, tmp_path):
+    """JOBS=2 runs two seeds at once, each in its own log; the results are those of one at a time."""
+    few = dict(ARMS="vanilla", SEEDS="1 2")
+    iterate(str(tmp_path / "seq"), micro, **few)
+    p = iterate(str(tmp_path / "par"), micro, check=False, JOBS="2", **few)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout
+    assert os.path.exists(tmp_path / "par" / "seed2.log")
+    for run in ("seq", "par"):
+        with open(tmp_path / run / "results.json") as f:
+            res = json.load(f)
+        assert res["config"]["seeds"] == [1, 2]
+    with open(tmp_path / "seq" / "results.json") as f, open(tmp_path / "par" / "results.json") as g:
+        seq, par = json.load(f), json.load(g)
+    assert seq["per_seed"] == par["per_seed"]

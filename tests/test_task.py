@@ -133,3 +133,26 @@ def test_base_model_loads_like_a_hub_model(micro):
     ids = tok("\n\nHuman: how do i fix my laptop ?\n\nAssistant:")["input_ids"]
     assert ids[0] == tok.bos_token_id
     assert tok.decode(ids, skip_special_tokens=True) == "\n\nHuman: how do i fix my laptop ?\n\nAssistant:"
+
+
+def test_oracle_labels_agree_with_gold_at_the_task_agreement():
+    """label_samples on k samples per prompt: the labels it writes, re-read and judged by gold,
+    agree with the gold order at the task's 70%; only different, writable responses are paired;
+    the budget is respected; a response that opens a new turn is left out and counted."""
+    rng = random.Random(3)
+    prompts, _ = task.all_prompts()
+    meta = [(p, [task.sample_response(rng, p, task.sample_quality(rng)) for _ in range(5)])
+            for p in rng.sample(prompts, 400)]
+    meta[0][1][0] = " fine\n\nAssistant: more"
+    rows, tau, agree, left_out = task.label_samples(random.Random(4), meta, 1500, 0.70)
+    assert len(rows) == 1500 and left_out == 1
+    gaps = []
+    for r in rows:
+        cut = r["chosen"].rindex("\n\nAssistant:") + len("\n\nAssistant:")
+        p, w, l = r["chosen"][:cut], r["chosen"][cut:], r["rejected"][cut:]
+        assert r["rejected"][:cut] == p and w != l and "\n\nHuman:" not in w + l
+        gaps.append(task.gold(p, w) - task.gold(p, l))
+    share = sum(g > 0 for g in gaps if g) / sum(1 for g in gaps if g)
+    assert 0.65 <= share <= 0.75 and share == pytest.approx(agree)
+    few, _, _, _ = task.label_samples(random.Random(4), meta[:2], 1500, 0.70)
+    assert len(few) <= 2 * 10  # at most k(k-1)/2 = 10 pairs per prompt
