@@ -268,6 +268,7 @@ else  # seeds side by side, each in its own log; the cores (or GPUs) divided bet
     unset "SEED_OF[$pid]"
   }
   slot=0
+  mkdir -p "$RUN_DIR"
   for SEED in $SEEDS; do
     while [ "${#SEED_OF[@]}" -ge "$JOBS" ]; do reap; done
     [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$(( slot % NGPU ))

@@ -47,7 +47,7 @@ class Args:
     meta_data: str = arg("runs/default/round1/meta.jsonl", "meta data S: k policy samples per prompt (ppo.py --sample_only)")
     output_dir: str = arg("runs/default/round1/rm", "run folder (a save_pretrained reward model when done)")
     meta_grad: str = arg("first_order", "which gradient of L(theta') updates theta", ["exact", "first_order", "taylor"])
-    eta: float = arg(0.5, "eta, the meta-process ascent step (paper: 5e-6 at 7B; tiny default tuned)")
+    eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); README: the eta study")
     lr: float = arg(5e-4, "alpha, the learning rate of the outer AdamW update (paper: 5e-6 at 7B)")
     epochs: float = arg(1.0, "passes over the original pairs (paper: 1)")
     warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero")

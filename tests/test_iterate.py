@@ -52,7 +52,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     assert set(res["judge_mean"]) == set(res["gold"]) == policies
     cfg = res["config"]
     assert cfg["arms"] == ARMS.split() and cfg["seeds"] == [1] and cfg["ppo_steps"] == 2
-    assert cfg["settings"]["metarm"]["deploy"] == "theta" and cfg["settings"]["metarm"]["eta"] == 0.5
+    assert cfg["settings"]["metarm"]["deploy"] == "theta" and cfg["settings"]["metarm"]["eta"] == 5e-4
     assert cfg["settings"]["oracle"]["new_pairs_per_round"] == 16 and cfg["settings"]["dpo"]["beta"] == 0.1
     assert {c["kl_anchor"] for a, c in cfg["settings"].items() if a != "dpo"} == {"prev"}
     pairs = {(c["a"], c["b"]) for c in res["comparisons"]}
