@@ -58,6 +58,7 @@ class Args:
     aggregate: str = arg("", "pool the results.json of <aggregate>/seed<S> for --seeds instead")
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
     n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals")
+    out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
 
 
 # The fields of results.json (the README's table lists the same; tests/test_iterate.py checks it).
@@ -653,8 +654,10 @@ def main(argv=None):
         if any(r["config"]["arms"] != results[0]["config"]["arms"] for r in results):
             raise runtime.UserError("the seeds were evaluated with different arms: re-run iterate.sh with one ARMS")
         res = report(results, seeds, args.n_boot)
-        save(res, args.aggregate)
-        figures(res, results[0], args.aggregate)
+        out = args.out_dir or args.aggregate
+        os.makedirs(out, exist_ok=True)
+        save(res, out)
+        figures(res, results[0], out)
         print(markdown(res))
         return
     if args.n_prompts < 100:

@@ -41,7 +41,8 @@ def stages(strategy, out, micro):
     for mode in modes:
         metarm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
                      "--meta_data", micro["meta"], "--output_dir", f"{out}/metarm_{mode}", "--meta_grad", mode,
-                     "--max_steps", "3", "--global_batch", "8", "--meta_batch", "4", *s])
+                     "--max_steps", "3", "--global_batch", "8", "--meta_batch", "4", *s,
+                     "--eta", "0.5"])  # an ascent step large enough to matter (the default eta = alpha barely moves theta')
 
 
 def ppo_update(strategy, out, micro, d):
