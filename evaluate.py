@@ -377,7 +377,8 @@ def policy_dirs(run, arms, R):
 
 
 def comparison_plan(arms, R, steps):
-    """The (a, b) pairs every report compares, a against b."""
+    """The (a, b) pairs every report compares, a against b: each arm's round k against SFT, its own
+    round k - 1, the vanilla arm's round k, vanilla PPO after as many steps, and DPO."""
     rounds = [a for a in arms if base(a) != "dpo"]
     has_dpo = any(base(a) == "dpo" for a in arms)
     plan = []
@@ -385,6 +386,8 @@ def comparison_plan(arms, R, steps):
         for k in range(1, R + 1):
             me = f"{arm}/round{k}"
             plan.append((me, "sft"))
+            if k > 1:
+                plan.append((me, f"{arm}/round{k - 1}"))  # does the arm improve round over round?
             if "vanilla" in arms and arm != "vanilla":
                 plan.append((me, f"vanilla/round{k}"))
             plan.append((me, f"vanilla_ppo/step{k * steps}"))
@@ -533,7 +536,8 @@ def markdown(res):
              "win - lose outcome (in % of prompts), with 95% intervals from a hierarchical bootstrap "
              "(seeds, then prompts within a seed; see evaluate.hierarchical_bootstrap).", ""]
     rows += ["## Verdicts", "", "| comparison | gold difference [95% CI] | win - lose, % [95% CI] | verdict |", "|---|---|---|---|"]
-    key = [c for c in res["comparisons"] if c["b"].startswith("vanilla/") or c["b"] == "sft"]
+    key = [c for c in res["comparisons"] if c["b"].startswith("vanilla/") or c["b"] == "sft"
+           or c["b"].split("/")[0] == c["a"].split("/")[0]]
     rows += [f"| {c['a']} vs {c['b']} | {ci(c['gold_diff'])} | {ci(c['win_minus_lose'], 1)} | {c['verdict']} |" for c in key]
     rows += ["", "## Mean judge score of each policy [95% CI]", "", "| policy | score |", "|---|---|"]
     rows += [f"| {k} | {ci(v)} |" for k, v in res["gold"].items()]
