@@ -489,19 +489,29 @@ def pool(results):
 POOLED = ("judge_mean", "table1", "table3", "rounds", "figure1", "figure4", "ppo_curves")  # mean +- std over seeds
 
 
-def report(results, seeds, n_boot):
-    """results: one seed's results.json each -> the pooled report with paired comparisons."""
+def report(results, seeds, n_boot, arms):
+    """results: one seed's results.json each -> the pooled report on `arms` (each seed's results
+    must hold them; a seed evaluated with more arms contributes these only), paired comparisons."""
     cfg = results[0]["config"]
-    arms, R, steps, margin = cfg["arms"], cfg["rounds"], cfg["ppo_steps"], cfg["tie_margin"]
-    res = pool([{k: r[k] for k in POOLED} for r in results])
-    res["config"] = {**cfg, "seeds": [int(s) for s in seeds],
+    R, steps, margin = cfg["rounds"], cfg["ppo_steps"], cfg["tie_margin"]
+    for s, r in zip(seeds, results):
+        if (r["config"]["rounds"], r["config"]["ppo_steps"]) != (R, steps) or not set(arms) <= set(r["config"]["arms"]):
+            raise runtime.UserError(f"seed {s} was evaluated with arms {r['config']['arms']}, {r['config']['rounds']} "
+                                    f"rounds of {r['config']['ppo_steps']} steps; the report needs arms {arms}, {R} rounds "
+                                    f"of {steps} steps in every seed: re-run iterate.sh for it with those settings")
+    keep = lambda name: name.split("/")[0] in arms or name in ("sft", "raw_data", "vanilla", "vanilla_ppo") or \
+        name.startswith("vanilla_ppo/")
+    mine = lambda r: {k: ({n: v for n, v in r[k].items() if keep(n)} if k != "table1" else
+                          {a: v for a, v in r[k].items() if a in arms}) for k in POOLED}
+    res = pool([mine(r) for r in results])
+    res["config"] = {**cfg, "arms": list(arms), "seeds": [int(s) for s in seeds],
                      "settings": {a: results[0]["config"]["settings"][a] for a in arms}}
-    scores = {name: [r["scores"][name] for r in results] for name in results[0]["scores"]}
-    empty = {name: [r["empty"][name] for r in results] for name in results[0]["empty"]}
+    scores = {name: [r["scores"][name] for r in results] for name in results[0]["scores"] if keep(name)}
+    empty = {name: [r["empty"][name] for r in results] for name in scores}
     res["gold"] = {name: hierarchical_bootstrap(v, n_boot) for name, v in scores.items()}
     res["per_seed"] = {str(s): r["judge_mean"] for s, r in zip(seeds, results)}
     res["comparisons"] = [compare(scores, empty, a, b, margin, n_boot) for a, b in comparison_plan(arms, R, steps)]
-    res["rm_comparisons"] = compare_rms(results)
+    res["rm_comparisons"] = [c for c in compare_rms(results) if c["arm"] in arms]
     res["table2"] = {}
     for a in arms:
         if base(a) == "dpo":
@@ -655,9 +665,7 @@ def main(argv=None):
                 raise runtime.UserError(f"{path} does not exist: evaluate seed {s} first (iterate.sh does)")
             with open(path) as f:
                 results.append(json.load(f))
-        if any(r["config"]["arms"] != results[0]["config"]["arms"] for r in results):
-            raise runtime.UserError("the seeds were evaluated with different arms: re-run iterate.sh with one ARMS")
-        res = report(results, seeds, args.n_boot)
+        res = report(results, seeds, args.n_boot, args.arms.split())
         out = args.out_dir or args.aggregate
         os.makedirs(out, exist_ok=True)
         save(res, out)
@@ -667,9 +675,10 @@ def main(argv=None):
     if args.n_prompts < 100:
         d.print(f"note: {args.n_prompts} test prompts; the paper uses 100")
     res = evaluate(args, d)
+    arms = res["config"]["arms"]
     out = os.path.join(args.run_dir, "eval")
     seed = os.path.basename(args.run_dir.rstrip("/")).removeprefix("seed")
-    rep = report([res], [seed], args.n_boot)  # this seed's intervals: over prompts only
+    rep = report([res], [seed], args.n_boot, arms)  # this seed's intervals: over prompts only
     save({**res, **{k: rep[k] for k in ("config", "gold", "comparisons", "rm_comparisons", "table2")}}, out)
     with open(os.path.join(out, "DONE"), "w") as f:
         json.dump({"stage": "evaluate", "judge_mean": res["judge_mean"]}, f)

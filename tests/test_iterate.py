@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 import evaluate
+import runtime
 from conftest import ROOT
 
 ARMS = "metarm vanilla oracle dpo"
@@ -80,6 +81,16 @@ def test_iterate_end_to_end(micro, tmp_path):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert all(f"`{field}`" in readme for field in evaluate.RESULT_FIELDS), "README must document results.json"
+
+    # a report on some of the arms: only their policies; an arm no seed was evaluated with is refused
+    evaluate.main(["--aggregate", run_dir, "--seeds", "1", "--rounds", "1", "--arms", "metarm",
+                   "--out_dir", str(tmp_path / "sub"), "--n_boot", "100"])
+    with open(tmp_path / "sub" / "results.json") as f:
+        sub = json.load(f)
+    assert set(sub["gold"]) == {"sft", "vanilla_ppo/step2", "metarm/round1"} and set(sub["rounds"]) == {"metarm"}
+    with pytest.raises(runtime.UserError, match="re-run iterate.sh"):
+        evaluate.main(["--aggregate", run_dir, "--seeds", "1", "--rounds", "1", "--arms", "metarm+eta=1",
+                       "--out_dir", str(tmp_path / "sub")])
 
     ran, skipped, _ = iterate(run_dir, micro)
     assert ran == [] and skipped == stages
