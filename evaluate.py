@@ -537,7 +537,7 @@ def fmt(x, digits=1):
 
 def markdown(res):
     cfg = res["config"]
-    S, arms = len(cfg["seeds"]), cfg["arms"]
+    S = len(cfg["seeds"])
     seeds = ", ".join(map(str, cfg["seeds"]))
     rows = [f"# Iterated RLHF: results ({S} seed{'s' * (S > 1)}: {seeds}; {cfg['prompts']} test prompts; judge: {cfg['judge']})", ""]
     if S == 1:
