@@ -501,7 +501,7 @@ def report(results, seeds, n_boot, arms):
                                     f"of {steps} steps in every seed: re-run iterate.sh for it with those settings")
     keep = lambda name: name.split("/")[0] in arms or name in ("sft", "raw_data", "vanilla", "vanilla_ppo") or \
         name.startswith("vanilla_ppo/")
-    mine = lambda r: {k: ({n: v for n, v in r[k].items() if keep(n)} if k != "table1" else
+    mine = lambda r: {k: ({n: v for n, v in r[k].items() if keep(n)} if k not in ("table1", "rounds") else
                           {a: v for a, v in r[k].items() if a in arms}) for k in POOLED}
     res = pool([mine(r) for r in results])
     res["config"] = {**cfg, "arms": list(arms), "seeds": [int(s) for s in seeds],
