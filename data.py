@@ -29,15 +29,17 @@ class DataError(UserError):
 
 
 class Problems:
-    """Bad rows: an error naming file and row, or (with skip=True) a count reported at the end."""
+    """Bad rows: an error naming file, row and problem, or (with skip=True) a count per problem,
+    reported at the end. `detail` (what exactly was wrong in this row) is shown in the error but
+    not used to group the counts."""
 
     def __init__(self, skip=False):
         self.skip, self.counts = skip, Counter()
 
-    def __call__(self, where, problem):
+    def __call__(self, where, problem, detail=None):
         if not self.skip:
-            raise DataError(f"{where}: {problem}")
-        self.counts[problem.split(":")[0]] += 1
+            raise DataError(f"{where}: {problem}" + (f" ({detail})" if detail else ""))
+        self.counts[problem] += 1
 
     def report(self, path):
         if self.counts:
@@ -45,27 +47,35 @@ class Problems:
             print(f"{path}: skipped {sum(self.counts.values())} rows ({parts})", flush=True)
 
 
-def rows(path):
-    """(where, row) for every row of a data file, where = 'file, row N' (1-based)."""
+def rows(path, problems):
+    """(where, row) for every row of a data file, where = 'file, row N' (1-based). A line that
+    is not UTF-8 or not JSON is a problem of that row."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
-        with open(path) as f:
-            text = f.read()
-        if path.endswith(".json") and text.lstrip().startswith("["):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".json") and raw.lstrip().startswith(b"["):
             try:
-                items = json.loads(text)
+                items = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
             for i, row in enumerate(items, 1):
                 yield f"{path}, row {i}", row
             return
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
+            where = f"{path}, row {i}"
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems(where, "not UTF-8 text", f"byte {line[e.start]:#04x} at column {e.start + 1}")
+                continue
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, row {i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield f"{path}, row {i}", row
+                problems(where, "not valid JSON", f"{e.msg} at column {e.colno}")
+                continue
+            yield where, row
         return
     if not os.path.exists(path) and (path.startswith(("/", ".")) or os.path.exists(path.split("/")[0])):
         raise DataError(f"data file {path} does not exist")
@@ -99,9 +109,9 @@ def _hf_rows(path):
 # ---------------------------------------------------------------------------------------------
 def _text(row, key, where, problems):
     if key not in row:
-        return problems(where, f"missing key {key!r} (keys: {sorted(row)})")
+        return problems(where, f"missing key {key!r}", f"keys: {sorted(row)}")
     if not isinstance(row[key], str):
-        return problems(where, f"{key!r} should be a string, got {type(row[key]).__name__}")
+        return problems(where, f"{key!r} should be a string", f"got {type(row[key]).__name__}")
     return row[key]
 
 
@@ -111,8 +121,8 @@ def as_prompt_text(text, where, problems):
         return problems(where, "empty prompt")
     if text.startswith(HUMAN):
         if not text.endswith(ASSISTANT):
-            return problems(where, f"a prompt that starts with '\\n\\nHuman:' must end with "
-                                   f"'\\n\\nAssistant:': {text[-60:]!r}")
+            return problems(where, "a prompt that starts with '\\n\\nHuman:' must end with "
+                                   "'\\n\\nAssistant:'", f"it ends {text[-60:]!r}")
         return text
     return f"{HUMAN} {text.strip()}{ASSISTANT}"
 
@@ -120,35 +130,48 @@ def as_prompt_text(text, where, problems):
 def split_transcript(text, where, problems, key="chosen"):
     """'\\n\\nHuman: q\\n\\nAssistant: a' -> ('\\n\\nHuman: q\\n\\nAssistant:', ' a')."""
     if not text.startswith(HUMAN) or ASSISTANT not in text:
-        return problems(where, f"{key!r} lacks the '\\n\\nHuman: ...\\n\\nAssistant:' structure: "
-                               f"{text[:60]!r}")
+        return problems(where, f"{key!r} lacks the '\\n\\nHuman: ...\\n\\nAssistant:' structure",
+                        f"it starts {text[:60]!r}")
     cut = text.rindex(ASSISTANT) + len(ASSISTANT)
     return text[:cut], text[cut:]
 
 
-def tldr_prompt(info):
+def tldr_prompt(info, where, problems):
     """A TL;DR post as the human turn of a summarisation request."""
+    post = info.get("post") or info.get("article")
+    if not isinstance(post, str) or not post.strip():
+        return problems(where, "a TL;DR row needs 'info' with a non-empty 'post' (or 'article')")
     return (f"{HUMAN} Summarize this Reddit post.\nSUBREDDIT: r/{info.get('subreddit') or ''}\n"
-            f"TITLE: {info.get('title') or ''}\nPOST: {info.get('post') or info.get('article') or ''}{ASSISTANT}")
+            f"TITLE: {info.get('title') or ''}\nPOST: {post}{ASSISTANT}")
+
+
+def not_object(row, where, problems):
+    return problems(where, "not a JSON object", f"got {str(row)[:60]!r}")
 
 
 def row_to_pair(row, where, problems, pku_preference="safer"):
     """(prompt, chosen response, rejected response) from HH-RLHF, TL;DR comparisons
     (openai/summarize_from_feedback) or PKU-SafeRLHF rows."""
     if not isinstance(row, dict):
-        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+        return not_object(row, where, problems)
     if "summaries" in row and "choice" in row:  # TL;DR comparisons
         s, c = row["summaries"], row["choice"]
-        if not (isinstance(s, list) and len(s) == 2 and c in (0, 1) and isinstance(row.get("info"), dict)):
-            return problems(where, "a TL;DR comparison needs 'info', two 'summaries' and 'choice' 0 or 1")
-        return tldr_prompt(row["info"]), " " + s[c]["text"].strip(), " " + s[1 - c]["text"].strip()
+        if not (isinstance(s, list) and len(s) == 2 and c in (0, 1) and isinstance(row.get("info"), dict)
+                and all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in s)):
+            return problems(where, "a TL;DR comparison needs 'info', two 'summaries' with a 'text' "
+                                   "each and 'choice' 0 or 1")
+        prompt = tldr_prompt(row["info"], where, problems)
+        return prompt and (prompt, " " + s[c]["text"].strip(), " " + s[1 - c]["text"].strip())
     if "response_0" in row:  # PKU-SafeRLHF
         key = f"{pku_preference}_response_id"
         p, best = _text(row, "prompt", where, problems), row.get(key)
-        if p is None or best not in (0, 1):
-            return None if p is None else problems(where, f"missing or bad {key!r}")
-        return (as_prompt_text(p, where, problems), " " + row[f"response_{best}"].strip(),
-                " " + row[f"response_{1 - best}"].strip())
+        if p is None:
+            return None
+        if best not in (0, 1):
+            return problems(where, f"missing or bad {key!r}", f"got {best!r}")
+        responses = [_text(row, f"response_{i}", where, problems) for i in (0, 1)]
+        prompt = None if None in responses else as_prompt_text(p, where, problems)
+        return prompt and (prompt, " " + responses[best].strip(), " " + responses[1 - best].strip())
     chosen, rejected = _text(row, "chosen", where, problems), None
     if chosen is not None:
         rejected = _text(row, "rejected", where, problems)
@@ -168,37 +191,37 @@ def row_to_prompt(row, where, problems):
     Oasst1 is a message tree: only conversation starts (a prompter message without a parent) are
     prompts; every other message is counted as skipped, never an error."""
     if not isinstance(row, dict):
-        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+        return not_object(row, where, problems)
     if "message_id" in row and "role" in row:  # Oasst1
         if row["role"] != "prompter" or row.get("parent_id"):
             problems.counts["oasst1 message that does not start a conversation"] += 1
             return None
         text = _text(row, "text", where, problems)
-        return text and as_prompt_text(text, where, problems)
+        return None if text is None else as_prompt_text(text, where, problems)
     if "info" in row and isinstance(row["info"], dict):  # TL;DR
-        return tldr_prompt(row["info"])
+        return tldr_prompt(row["info"], where, problems)
     if "prompt" in row:
         p = _text(row, "prompt", where, problems)
-        return p and as_prompt_text(p, where, problems)
+        return None if p is None else as_prompt_text(p, where, problems)
     if "chosen" in row:
         chosen = _text(row, "chosen", where, problems)
-        pr = chosen and split_transcript(chosen, where, problems)
+        pr = None if chosen is None else split_transcript(chosen, where, problems)
         return pr and pr[0]
-    return problems(where, f"missing key 'prompt' (keys: {sorted(row)})")
+    return problems(where, "missing key 'prompt'", f"keys: {sorted(row)}")
 
 
 def row_to_sft(row, where, problems):
     """(prompt, response) from {prompt, response}, TL;DR SFT {prompt, label} or HH-RLHF rows."""
     if not isinstance(row, dict):
-        return problems(where, f"not a JSON object: {str(row)[:60]!r}")
+        return not_object(row, where, problems)
     if "prompt" not in row and "chosen" in row:
         chosen = _text(row, "chosen", where, problems)
-        return chosen and split_transcript(chosen, where, problems)
+        return None if chosen is None else split_transcript(chosen, where, problems)
     p = _text(row, "prompt", where, problems)
     if p is None:
         return None
     r = _text(row, "label" if "label" in row and "response" not in row else "response", where, problems)
-    p = r is not None and as_prompt_text(p, where, problems)
+    p = None if r is None else as_prompt_text(p, where, problems)
     return p and (p, r if r.startswith(" ") else " " + r)
 
 
@@ -212,7 +235,7 @@ def load_pairs(path, skip_bad=False, pku_preference="safer"):
     """[(prompt, chosen_response, rejected_response, where)]: HH-RLHF, TL;DR comparisons or
     PKU-SafeRLHF rows."""
     problems, out = Problems(skip_bad), []
-    for where, row in rows(path):
+    for where, row in rows(path, problems):
         pair = row_to_pair(row, where, problems, pku_preference)
         if pair is None or pair[0] is None:
             continue
@@ -227,9 +250,9 @@ def load_pairs(path, skip_bad=False, pku_preference="safer"):
 def load_sft(path, skip_bad=False):
     """[(prompt, response, where)] from {prompt, response}, TL;DR {prompt, label} or HH-RLHF rows."""
     problems, out = Problems(skip_bad), []
-    for where, row in rows(path):
+    for where, row in rows(path, problems):
         pr = row_to_sft(row, where, problems)
-        if pr and pr[0] and nonempty(pr[1], where, problems):
+        if pr and nonempty(pr[1], where, problems):
             out.append((*pr, where))
     return _done(path, out, problems)
 
@@ -237,32 +260,40 @@ def load_sft(path, skip_bad=False):
 def load_prompts(path, skip_bad=False):
     """[(prompt, where)] from prompt rows of any supported schema."""
     problems, out = Problems(skip_bad), []
-    for where, row in rows(path):
+    for where, row in rows(path, problems):
         p = row_to_prompt(row, where, problems)
-        if p:
+        if p is not None:
             out.append((p, where))
     return _done(path, out, problems)
 
 
 def load_meta(path, skip_bad=False):
-    """[(prompt, [k responses], where)]: the meta data set S of MetaRM (same k in every row)."""
-    problems, out, k = Problems(skip_bad), [], None
-    for where, row in rows(path):
+    """[(prompt, [k responses], where)]: the meta data set S of MetaRM, the same k in every row.
+    Rows of another k than the first row's are an error; skipping, the rows of the most common k
+    are kept and the others counted."""
+    problems, good = Problems(skip_bad), []
+    for where, row in rows(path, problems):
         if not isinstance(row, dict):
-            problems(where, f"not a JSON object: {str(row)[:60]!r}")
+            not_object(row, where, problems)
             continue
         p = _text(row, "prompt", where, problems)
         rs = row.get("responses")
-        if p is None or as_prompt_text(p, where, problems) is None:
+        p = None if p is None else as_prompt_text(p, where, problems)
+        if p is None:
             continue
         if not isinstance(rs, list) or len(rs) < 2 or not all(isinstance(r, str) for r in rs):
             problems(where, "'responses' must be a list of at least 2 strings")
             continue
-        if k is not None and len(rs) != k:
-            problems(where, f"has {len(rs)} responses, earlier rows have {k}")
-            continue
-        k = len(rs)
-        out.append((as_prompt_text(p, where, problems), rs, where))
+        good.append((p, rs, where))
+    ks = Counter(len(rs) for _, rs, _ in good)
+    k = ks.most_common(1)[0][0] if skip_bad and ks else (len(good[0][1]) if good else None)
+    out = []
+    for p, rs, where in good:
+        if len(rs) != k:
+            problems(where, f"has another number of responses than the {'most common' if skip_bad else 'first'} "
+                            f"rows' {k}", f"{len(rs)}")
+        else:
+            out.append((p, rs, where))
     return _done(path, out, problems)
 
 

@@ -35,21 +35,21 @@ class Args:
     data: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs (the reward model's pairs)")
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
     output_dir: str = arg("runs/default/seed1/dpo", "run folder (a save_pretrained policy when done)")
-    beta: float = arg(0.1, "beta, the strength of the KL constraint to pi_ref (Rafailov et al.: 0.1)")
-    epochs: float = arg(1.0, "passes over the pairs (as the reward model)")
-    lr: float = arg(5e-4, "peak learning rate, AdamW (the reward model's; 7B: about 5e-7)")
-    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    global_batch: int = arg(32, "pairs per optimizer step, whatever the number of processes")
-    micro_batch: int = arg(0, "pairs per forward pass on one process (0: all of its share)")
-    max_len: int = arg(128, "maximum prompt + response tokens")
+    beta: float = arg(0.1, "beta, the strength of the KL constraint to pi_ref (Rafailov et al.: 0.1)", check="> 0")
+    epochs: float = arg(1.0, "passes over the pairs (as the reward model)", check="> 0")
+    lr: float = arg(5e-4, "peak learning rate, AdamW (the reward model's; 7B: about 5e-7)", check="> 0")
+    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
+    global_batch: int = arg(32, "pairs per optimizer step, whatever the number of processes", check="> 0")
+    micro_batch: int = arg(0, "pairs per forward pass on one process (0: all of its share)", check=">= 0")
+    max_len: int = arg(128, "maximum prompt + response tokens", check="> 0")
     truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
-    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
-    max_steps: int = arg(0, "stop after this many steps (0: all epochs)")
-    eval_every: int = arg(50, "held-out implicit-reward accuracy every this many steps")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
+    max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
+    eval_every: int = arg(50, "held-out implicit-reward accuracy every this many steps", check="> 0")
     seed: int = arg(1, "seed for the data order")
-    save_every: int = arg(50, "checkpoint every this many steps")
+    save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
@@ -109,13 +109,10 @@ def implicit_accuracy(policy, ref, examples, pad_id, beta, d, batch=64):
 
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
-    if runtime.is_done(args.output_dir):
-        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
-        return
-    if args.beta <= 0:
-        raise runtime.UserError(f"--beta {args.beta}: beta must be positive")
     runtime.set_seed(args.seed)
-    run = runtime.Run(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
 
     # 1. data: (prompt, response) token ids of each chosen and rejected response
     tok = runtime.load_tokenizer(args.sft_dir)
@@ -123,7 +120,9 @@ def train(args):
     encode = lambda pairs: [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
     examples = encode(data.load_pairs(args.data, args.skip_bad_rows))
     enc.report(args.data)
+    enc.cut.clear()
     eval_examples = encode(data.load_pairs(args.eval_data, args.skip_bad_rows)) if args.eval_data else []
+    enc.report(args.eval_data)
 
     # 2. the policy (trained) and the reference (frozen), both from SFT
     policy = runtime.wrap(runtime.load_causal_lm(args.sft_dir, tok), d,
@@ -163,11 +162,13 @@ def train(args):
             acc_sum += (r_w > r_l).float().sum().item()
             margin_sum += (r_w - r_l).sum().item()
         grad_norm = runtime.clip_grad_norm(policy, args.max_grad_norm)
+        n = args.global_batch
+        loss = runtime.all_sum(loss_sum) / n
+        run.stop_unless_finite(step, **{"train/loss": loss, "train/grad_norm": grad_norm})
         lr = runtime.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        n = args.global_batch
-        run.log(step + 1, {"train/loss": runtime.all_sum(loss_sum) / n, "train/accuracy": runtime.all_sum(acc_sum) / n,
+        run.log(step + 1, {"train/loss": loss, "train/accuracy": runtime.all_sum(acc_sum) / n,
                            "train/margin": runtime.all_sum(margin_sum) / n, "train/lr": lr, "train/grad_norm": grad_norm})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)

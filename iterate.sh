@@ -28,6 +28,8 @@
 # stage whose marker exists is skipped, unless a stage it depends on ran in this invocation
 # (then it is redone from scratch): a killed run picks up where it stopped, a finished one
 # re-runs in seconds, and deleting one stage's DONE redoes that stage and the ones after it.
+# One iterate.sh at a time per RUN_DIR (RUN_DIR/LOCK); RUN_DIR/settings records the settings it
+# was run with, and a re-run with other settings is refused before any stage.
 #
 # Settings (environment variables):
 #   RUN_DIR    where everything goes                                  (runs/default)
@@ -135,6 +137,22 @@ for A in $ARMS; do
     fail "ARMS: the oracle arm labels with the embedded task's annotator; it needs the embedded task's data"
   fi
 done
+
+# ---- one iterate.sh per RUN_DIR, and a RUN_DIR stands for one set of settings ------------------
+mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || fail "cannot write in RUN_DIR=$RUN_DIR"
+exec 9>>"$RUN_DIR/LOCK"  # held until this script and every stage it started have ended
+flock -n 9 || fail "RUN_DIR=$RUN_DIR is in use by another iterate.sh ($(cat "$RUN_DIR/LOCK")): wait for it to end, or stop it"
+echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
+# What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
+# NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
+SETTINGS=$(for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
+                    TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS; do
+             echo "$v=${!v:-}"; done)
+if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]; then
+  fail "RUN_DIR=$RUN_DIR was run with other settings: $(diff <(cat "$RUN_DIR/settings") <(echo "$SETTINGS") \
+    | sed -n 's/^< /before /p; s/^> /now /p' | tr '\n' ';' | sed 's/;/; /g')use another RUN_DIR, or delete it"
+fi
+echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
 
 launch() { torchrun --standalone --nproc_per_node "$NPROC" "$@"; }
 
@@ -268,7 +286,6 @@ else  # seeds side by side, each in its own log; the cores (or GPUs) divided bet
     unset "SEED_OF[$pid]"
   }
   slot=0
-  mkdir -p "$RUN_DIR"
   for SEED in $SEEDS; do
     while [ "${#SEED_OF[@]}" -ge "$JOBS" ]; do reap; done
     [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$(( slot % NGPU ))

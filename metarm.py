@@ -47,21 +47,21 @@ class Args:
     meta_data: str = arg("runs/default/round1/meta.jsonl", "meta data S: k policy samples per prompt (ppo.py --sample_only)")
     output_dir: str = arg("runs/default/round1/rm", "run folder (a save_pretrained reward model when done)")
     meta_grad: str = arg("first_order", "which gradient of L(theta') updates theta", ["exact", "first_order", "taylor"])
-    eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); README: the eta study")
-    lr: float = arg(5e-4, "alpha, the learning rate of the outer AdamW update (paper: 5e-6 at 7B)")
-    epochs: float = arg(1.0, "passes over the original pairs (paper: 1)")
-    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    global_batch: int = arg(32, "n: preference pairs per step, over all processes (paper: 16)")
-    meta_batch: int = arg(8, "m: prompts of the meta data per step, each with its k responses (paper: 16)")
-    max_len: int = arg(128, "maximum prompt + response tokens")
+    eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); README: the eta study", check=">= 0")
+    lr: float = arg(5e-4, "alpha, the learning rate of the outer AdamW update (paper: 5e-6 at 7B)", check="> 0")
+    epochs: float = arg(1.0, "passes over the original pairs (paper: 1)", check="> 0")
+    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
+    global_batch: int = arg(32, "n: preference pairs per step, over all processes (paper: 16)", check="> 0")
+    meta_batch: int = arg(8, "m: prompts of the meta data per step, each with its k responses (paper: 16)", check="> 0")
+    max_len: int = arg(128, "maximum prompt + response tokens", check="> 0")
     truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
-    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
-    max_steps: int = arg(0, "stop after this many steps (0: all epochs)")
-    eval_every: int = arg(50, "held-out accuracy and J on the meta data every this many steps")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
+    max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
+    eval_every: int = arg(50, "held-out accuracy and J on the meta data every this many steps", check="> 0")
     seed: int = arg(1, "seed for the score head and the data order")
-    save_every: int = arg(50, "checkpoint every this many steps")
+    save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
@@ -155,6 +155,7 @@ def first_order(model, X_t, X_s, k, eta):
     backward sees theta', which is what the parameters hold)."""
     theta = trainable(model)
     backup = [p.detach().clone() for p in theta]
+    callers = taken_grads(theta, keep_none=True)  # the caller's .grad, put back at the end
     J_theta = J(model, X_s, k)
     J_theta.backward()                         # grad J(theta), averaged over processes by DDP/FSDP
     grad_J = taken_grads(theta)
@@ -163,6 +164,8 @@ def first_order(model, X_t, X_s, k, eta):
     L_value.backward()                         # grad L(theta')                            (Eq. 4)
     grad = taken_grads(theta)
     copy_(theta, backup)                       # theta again, bit for bit
+    for p, g in zip(theta, callers):
+        p.grad = g
     return grad, dict(J=J_theta.detach(), L=L_value.detach(), grad_J=grad_J, grad_L=grad)
 
 
@@ -194,10 +197,11 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def taken_grads(params):
+def taken_grads(params, keep_none=False):
     """The parameters' .grad, cleared from them. An FSDP2 shard that holds no rows of a small
-    tensor (a one-row score head split over two processes) gets no gradient: zeros then."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    tensor (a one-row score head split over two processes) gets no gradient: zeros then (None
+    with keep_none=True)."""
+    grads = [p.grad if p.grad is not None or keep_none else torch.zeros_like(p) for p in params]
     for p in params:
         p.grad = None
     return grads
@@ -243,7 +247,7 @@ def check(args):
     torch.manual_seed(args.seed)
     d = runtime.Dist()
     tok = runtime.load_tokenizer(args.sft_dir)
-    net = rm.load_reward_model(args.init_rm or args.sft_dir, tok).double()
+    net = rm.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)).double()
     X_t, X_s, k = batches(tok, data.load_pairs(args.data)[:4], data.load_meta(args.meta_data)[:2], args, d)
     # eta small enough for the leading term to dominate (the training default is far larger)
     rows, s_exact, s_first = check_table(net, X_t, X_s, k, [0.04 / 2**i for i in range(6)])
@@ -306,11 +310,10 @@ def train(args):
             f"--meta_grad {args.meta_grad} with gradient checkpointing gives silently wrong "
             "gradients (the recomputation in backward runs outside functional_call and sees theta, "
             "not theta'); use --meta_grad first_order, which is exact under checkpointing")
-    if runtime.is_done(args.output_dir):
-        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
-        return
     runtime.set_seed(args.seed)
-    run = runtime.Run(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
 
     # 1. data: the original pairs D and the meta data S
     tok = runtime.load_tokenizer(args.sft_dir)
@@ -318,13 +321,20 @@ def train(args):
     examples, enc = rm.encode_pairs(tok, pairs, args.max_len, args.truncate)
     enc.report(args.data)
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
+    if eval_pairs:
+        rm.encode_pairs(tok, eval_pairs, args.max_len, args.truncate)[1].report(args.eval_data)
     meta = data.load_meta(args.meta_data, args.skip_bad_rows)
+    cut = data.Encoder(tok, args.max_len, truncate=True)  # policy samples: long ones are cut, counted
+    for p, rs, where in meta:
+        for s in rs:
+            cut(p, s, where)
+    cut.report(args.meta_data)
     if args.meta_batch % d.world:
         raise runtime.UserError(f"--meta_batch {args.meta_batch} must be divisible by the number "
                                 f"of processes {d.world}")
 
     # 2. the reward model: SFT weights and a new head (the paper: each round starts from SFT)
-    model = runtime.wrap(rm.load_reward_model(args.init_rm or args.sft_dir, tok), d,
+    model = runtime.wrap(rm.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     theta = trainable(model)
@@ -367,11 +377,13 @@ def train(args):
         for p, g in zip(theta, grad):
             p.grad = g
         grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
+        L_value, J_value = mean_over_processes(info["L"]), mean_over_processes(info["J"])
+        run.stop_unless_finite(step, **{"train/L": L_value, "meta/J": J_value, "train/grad_norm": grad_norm})
         lr = runtime.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
         gL, gJ = info["grad_L"], info["grad_J"]
-        run.log(step + 1, {"train/L": mean_over_processes(info["L"]), "meta/J": mean_over_processes(info["J"]),
+        run.log(step + 1, {"train/L": L_value, "meta/J": J_value,
                            "meta/J_after_ascent": mean_over_processes(J_prime),
                            "meta/cos_gradL_gradJ": dot(gL, gJ) / max(math.sqrt(dot(gL, gL) * dot(gJ, gJ)), 1e-30),
                            "meta/gradL_norm": math.sqrt(dot(gL, gL)), "meta/gradJ_norm": math.sqrt(dot(gJ, gJ)),

@@ -30,6 +30,7 @@ critic V, initialised from the reward model and read at every response token. On
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -49,42 +50,42 @@ class Args:
     rm_dir: str = arg("runs/default/rm", "the frozen reward model (the critic starts from it too)")
     prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "queries: {prompt} rows or HH-RLHF rows")
     output_dir: str = arg("runs/default/ppo", "run folder (a save_pretrained policy when done)")
-    steps: int = arg(20, "PPO steps (one roll-out batch each)")
-    snapshot_every: int = arg(0, "also save the policy every this many steps in <output_dir>/step<N> (0: off)")
-    queries: int = arg(32, "queries per step, over all processes")
-    rollouts_per_query: int = arg(2, "responses sampled per query (paper: 16 at 7B); >= 2 gives the same-prompt |dr|")
-    ppo_epochs: int = arg(1, "passes over each roll-out batch")
-    mini_batches: int = arg(2, "mini-batches per PPO epoch")
-    policy_lr: float = arg(3e-4, "policy learning rate (paper: 5e-7 at 7B)")
-    critic_lr: float = arg(1e-3, "critic learning rate (paper: 1.5e-6 at 7B)")
-    kl_coef: float = arg(0.05, "beta, the per-token KL penalty coefficient (paper: 0.05)")
-    kl_target: float = arg(0.0, "adaptive KL controller target per response (0: fixed beta)")
-    kl_horizon: int = arg(10000, "adaptive KL controller horizon, in roll-outs")
-    gamma: float = arg(1.0, "GAE discount")
-    lam: float = arg(0.95, "GAE lambda")
-    cliprange: float = arg(0.2, "PPO policy ratio clip")
-    cliprange_value: float = arg(0.2, "PPO value clip")
-    vf_coef: float = arg(0.5, "weight of the value loss (the critic has its own optimizer)")
-    reward_clip: float = arg(5.0, "clip the normalised score to [-c, c] (the paper's 'clip value of 0.8'; 0: off)")
-    missing_eos_penalty: float = arg(1.0, "subtracted from the normalised score of a response that never ends")
+    steps: int = arg(20, "PPO steps (one roll-out batch each)", check="> 0")
+    snapshot_every: int = arg(0, "also save the policy every this many steps in <output_dir>/step<N> (0: off)", check=">= 0")
+    queries: int = arg(32, "queries per step, over all processes", check="> 0")
+    rollouts_per_query: int = arg(2, "responses sampled per query (paper: 16 at 7B); >= 2 gives the same-prompt |dr|", check="> 0")
+    ppo_epochs: int = arg(1, "passes over each roll-out batch", check="> 0")
+    mini_batches: int = arg(2, "mini-batches per PPO epoch", check="> 0")
+    policy_lr: float = arg(3e-4, "policy learning rate (paper: 5e-7 at 7B)", check="> 0")
+    critic_lr: float = arg(1e-3, "critic learning rate (paper: 1.5e-6 at 7B)", check="> 0")
+    kl_coef: float = arg(0.05, "beta, the per-token KL penalty coefficient (paper: 0.05)", check=">= 0")
+    kl_target: float = arg(0.0, "adaptive KL controller target per response (0: fixed beta)", check=">= 0")
+    kl_horizon: int = arg(10000, "adaptive KL controller horizon, in roll-outs", check="> 0")
+    gamma: float = arg(1.0, "GAE discount", check="[0, 1]")
+    lam: float = arg(0.95, "GAE lambda", check="[0, 1]")
+    cliprange: float = arg(0.2, "PPO policy ratio clip", check="> 0")
+    cliprange_value: float = arg(0.2, "PPO value clip", check="> 0")
+    vf_coef: float = arg(0.5, "weight of the value loss (the critic has its own optimizer)", check=">= 0")
+    reward_clip: float = arg(5.0, "clip the normalised score to [-c, c] (the paper's 'clip value of 0.8'; 0: off)", check=">= 0")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the normalised score of a response that never ends", check=">= 0")
     whiten_advantages: bool = arg(True, "normalise advantages to zero mean, unit variance")
-    temperature: float = arg(1.0, "sampling temperature; the training forward divides logits by it too (paper: 0.8)")
-    top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)")
-    repetition_penalty: float = arg(1.0, "repetition penalty when sampling (paper: 1.1)")
-    max_new_tokens: int = arg(40, "maximum response tokens")
-    max_prompt_len: int = arg(64, "maximum query tokens")
+    temperature: float = arg(1.0, "sampling temperature; the training forward divides logits by it too (paper: 0.8)", check="> 0")
+    top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)", check="(0, 1]")
+    repetition_penalty: float = arg(1.0, "repetition penalty when sampling (paper: 1.1)", check="> 0")
+    max_new_tokens: int = arg(40, "maximum response tokens", check="> 0")
+    max_prompt_len: int = arg(64, "maximum query tokens", check="> 0")
     truncate: bool = arg(False, "cut queries longer than max_prompt_len from the left (counted)")
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=">= 0")
     seed: int = arg(1, "seed for query order and sampling")
-    save_every: int = arg(10, "checkpoint every this many steps")
+    save_every: int = arg(10, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     sample_only: bool = arg(False, "only sample --k responses per prompt of --prompts into --out (meta data)")
-    k: int = arg(5, "with --sample_only: responses per prompt (paper: 5)")
+    k: int = arg(5, "with --sample_only: responses per prompt (paper: 5)", check=">= 2")
     out: str = arg("runs/default/round1/meta.jsonl", "with --sample_only: the meta-data file to write")
-    max_prompts: int = arg(0, "with --sample_only: use only the first N prompts (0: all)")
+    max_prompts: int = arg(0, "with --sample_only: use only the first N prompts (0: all)", check=">= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +240,11 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
                 adv=adv, returns=returns, score=score, shaped=shaped, kl=kl, ended=ended.float())
 
 
-def ppo_update(policy, critic, popt, copt, batch, args, d):
+def ppo_update(policy, critic, popt, copt, batch, args, d, stop_unless_finite=None):
     """Step 5: ppo_epochs passes of mini-batches over this process's roll-outs. Every loss is a
     sum over tokens divided by the mini-batch's token count over all processes, so the update
-    is the same whatever the world size."""
+    is the same whatever the world size. stop_unless_finite(**values) sees the global losses and
+    gradient norms before every optimizer step (Run.stop_unless_finite)."""
     n = len(batch["query"])
     sums = dict.fromkeys(["pg", "vf", "clip", "vclip", "kl", "ent", "tokens"], 0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -257,8 +259,11 @@ def ppo_update(policy, critic, popt, copt, batch, args, d):
                 v = values_of(critic, b["query"], b["qmask"], b["response"], b["rmask"])
                 vf, vclip = value_loss(v, b["values"], b["returns"], b["rmask"], args.cliprange_value)
                 ((pg + args.vf_coef * vf) * d.world / tokens).backward()
-            runtime.clip_grad_norm(policy, args.max_grad_norm)
-            runtime.clip_grad_norm(critic, args.max_grad_norm)
+            norms = {"ppo/policy/grad_norm": runtime.clip_grad_norm(policy, args.max_grad_norm),
+                     "ppo/val/grad_norm": runtime.clip_grad_norm(critic, args.max_grad_norm)}
+            if stop_unless_finite:
+                stop_unless_finite(**norms, **{"ppo/policy/loss": runtime.all_sum(float(pg.detach())) / tokens,
+                                              "ppo/val/loss": runtime.all_sum(float(vf.detach())) / tokens})
             popt.step()
             copt.step()
             popt.zero_grad(set_to_none=True)
@@ -337,24 +342,23 @@ def sample_only(args, d):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def load_reward_stats(rm_dir, d):
-    """The reward mean and std that reward_model.py stored (none for an outside RM: 0 and 1)."""
+def load_reward_stats(rm_dir):
+    """The reward mean and std that reward_model.py / metarm.py stored beside the RM."""
     path = os.path.join(rm_dir, "reward_stats.json")
-    if not os.path.exists(path):
-        d.print(f"{rm_dir} has no reward_stats.json: scores are used without normalisation")
-        return {"mean": 0.0, "std": 1.0}
-    with open(path) as f:
-        return json.load(f)
+    stats = runtime.read_json(path)
+    if not (isinstance(stats, dict) and all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std"))
+            and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
+        raise runtime.UserError(f"{path}: needs a finite 'mean' and a positive 'std', got {stats}")
+    return stats
 
 
 def train(args, d):
-    if runtime.is_done(args.output_dir):
-        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
-        return
     if args.queries % d.world:
         raise runtime.UserError(f"--queries {args.queries} must be divisible by the number of processes {d.world}")
     runtime.set_seed(args.seed)
-    run = runtime.Run(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
     tok = runtime.load_tokenizer(args.policy_dir)
     enc = data.Encoder(tok, args.max_prompt_len, args.truncate)
     prompts = [(enc.prompt(p), p) for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
@@ -362,23 +366,28 @@ def train(args, d):
         if len(ids) > args.max_prompt_len and not args.truncate:
             raise data.DataError(f"{args.prompts}: a prompt of {len(ids)} tokens is longer than "
                                  f"--max_prompt_len {args.max_prompt_len}: {p[:60]!r}; raise it or pass --truncate true")
+    cut = sum(len(ids) > args.max_prompt_len for ids, _ in prompts)
+    if cut:
+        d.print(f"{args.prompts}: {cut} prompts truncated (cut from the left, --max_prompt_len {args.max_prompt_len})")
     prompts = [(ids[-args.max_prompt_len:], p) for ids, p in prompts]
     gold = rm.embedded(args.prompts)
-    stats = load_reward_stats(args.rm_dir, d)
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     ref = runtime.wrap(runtime.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
+    for other in filter(None, (args.ref_dir, args.rm_dir)):
+        runtime.same_tokenizer(tok, args.policy_dir, runtime.load_tokenizer(other), other)
     reward = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
+    stats = load_reward_stats(args.rm_dir)
     critic = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)
     copt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
-    state = run.load_checkpoint({"policy": (policy, popt), "critic": (critic, copt)})
+    torch.manual_seed(args.seed + 1000 * d.rank)  # each process samples its own roll-outs
+    state = run.load_checkpoint({"policy": (policy, popt), "critic": (critic, copt)})  # and its generator
     start = state["step"] if state else 0
     if state:
         kl_ctl.beta = state["kl_coef"]
-    torch.manual_seed(args.seed + 1000 * d.rank + start)  # each process samples its own roll-outs
     d.print(f"ppo: {len(prompts)} prompts, {args.steps} steps of {args.queries} queries x "
             f"{args.rollouts_per_query} roll-outs")
 
@@ -388,7 +397,8 @@ def train(args, d):
         mine = [prompts[i] for i in rows for _ in range(args.rollouts_per_query)]
         batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d, timer)
         with timer("ppo_epochs"):
-            metrics = ppo_update(policy, critic, popt, copt, batch, args, d)
+            metrics = ppo_update(policy, critic, popt, copt, batch, args, d,
+                                 lambda **v: run.stop_unless_finite(step, **v))
 
         # metrics of the roll-outs (the objective the policy maximises, and the drift)
         kl_sum = batch["kl"].sum(1)

@@ -40,20 +40,20 @@ class Args:
     data: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs (HH-RLHF schema)")
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
     output_dir: str = arg("runs/default/rm", "run folder (a save_pretrained reward model when done)")
-    epochs: float = arg(1.0, "passes over the pairs (paper: 1)")
-    lr: float = arg(5e-4, "peak learning rate, AdamW (paper: 5e-6 at 7B)")
-    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    global_batch: int = arg(32, "pairs per optimizer step, whatever the number of processes (paper: 16)")
-    micro_batch: int = arg(0, "pairs per forward pass on one process (0: all of its share)")
-    max_len: int = arg(128, "maximum prompt + response tokens")
+    epochs: float = arg(1.0, "passes over the pairs (paper: 1)", check="> 0")
+    lr: float = arg(5e-4, "peak learning rate, AdamW (paper: 5e-6 at 7B)", check="> 0")
+    warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
+    global_batch: int = arg(32, "pairs per optimizer step, whatever the number of processes (paper: 16)", check="> 0")
+    micro_batch: int = arg(0, "pairs per forward pass on one process (0: all of its share)", check=">= 0")
+    max_len: int = arg(128, "maximum prompt + response tokens", check="> 0")
     truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
-    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
-    max_steps: int = arg(0, "stop after this many steps (0: all epochs)")
-    eval_every: int = arg(50, "held-out accuracy every this many steps")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
+    max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
+    eval_every: int = arg(50, "held-out accuracy every this many steps", check="> 0")
     seed: int = arg(1, "seed for the score head and the data order")
-    save_every: int = arg(50, "checkpoint every this many steps")
+    save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
@@ -76,8 +76,10 @@ class ScalarModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         h = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions(attention_mask)).last_hidden_state
-        scores = self.hf.score(h).squeeze(-1)
-        return scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
+        scores = self.hf.score(h)[..., 0]
+        # a new tensor, not a view of the head's output (FSDP2 warns that in-place changes to a
+        # view would bypass it); bf16 -> fp32, fp32 and fp64 kept
+        return scores.to(torch.promote_types(scores.dtype, torch.float32), copy=True)
 
 
 def positions(mask):
@@ -97,9 +99,21 @@ def rewards(model, ids, mask):
     return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
-def load_reward_model(name, tok):
-    """A one-label sequence-classification model from an SFT folder (new head) or an RM folder."""
+def load_reward_model(name, tok, trained=True):
+    """A one-label sequence-classification model: a trained reward model (a folder that
+    reward_model.py or metarm.py wrote: sequence classification, with reward_stats.json), or,
+    with trained=False, a new score head on an SFT model."""
     from transformers import AutoModelForSequenceClassification
+    kind = runtime.model_kind(name)
+    if trained and (kind != "reward model" or not os.path.isfile(os.path.join(name, "reward_stats.json"))):
+        raise runtime.UserError(
+            f"{name} is not a reward model ({kind or 'no sequence-classification config.json'}"
+            f"{'' if kind != 'reward model' else ', no reward_stats.json'}): pass a folder that "
+            "reward_model.py or metarm.py wrote (for an outside RM, add a reward_stats.json "
+            '{"mean": 0.0, "std": 1.0})')
+    if not trained and kind == "reward model":
+        raise runtime.UserError(f"{name} is a reward model, not the SFT model a new reward model "
+                                "starts from (metarm.py --init_rm starts from a reward model)")
     hf = runtime._from_pretrained(AutoModelForSequenceClassification, name, num_labels=1,
                                   dtype=torch.float32)
     if not hasattr(hf, "score"):
@@ -240,11 +254,10 @@ def reward_stats(model, examples, pad_id, d, n=2048):
 # ---------------------------------------------------------------------------------------------
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
-    if runtime.is_done(args.output_dir):
-        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
-        return
     runtime.set_seed(args.seed)
-    run = runtime.Run(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
 
     # 1. data
     tok = runtime.load_tokenizer(args.sft_dir)
@@ -252,10 +265,13 @@ def train(args):
     examples, enc = encode_pairs(tok, pairs, args.max_len, args.truncate)
     enc.report(args.data)
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
-    eval_examples = encode_pairs(tok, eval_pairs, args.max_len, args.truncate)[0] if eval_pairs else []
+    eval_examples = []
+    if eval_pairs:
+        eval_examples, eval_enc = encode_pairs(tok, eval_pairs, args.max_len, args.truncate)
+        eval_enc.report(args.eval_data)
 
     # 2. model from the SFT weights, with a new scalar head
-    model = runtime.wrap(load_reward_model(args.sft_dir, tok), d,
+    model = runtime.wrap(load_reward_model(args.sft_dir, tok, trained=False), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
@@ -292,10 +308,12 @@ def train(args):
             loss_sum += loss.item()
             acc_sum += (r_w > r_l).float().sum().item()
         grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
+        loss = runtime.all_sum(loss_sum) / args.global_batch
+        run.stop_unless_finite(step, **{"train/loss": loss, "train/grad_norm": grad_norm})
         lr = runtime.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/loss": runtime.all_sum(loss_sum) / args.global_batch,
+        run.log(step + 1, {"train/loss": loss,
                            "train/accuracy": runtime.all_sum(acc_sum) / args.global_batch,
                            "train/lr": lr, "train/grad_norm": grad_norm})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:

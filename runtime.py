@@ -7,11 +7,14 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -43,6 +46,11 @@ def guard(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:  # a folder that cannot be written (read-only, full disk, no permission)
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: cannot write {e.filename or ''}: {e.strerror}", file=sys.stderr, flush=True)
+        sys.exit(2)
     shutdown()
 
 
@@ -63,8 +71,14 @@ def shutdown():
 # ---------------------------------------------------------------------------------------------
 # Arguments: a documented dataclass at the top of each stage becomes its command line
 # ---------------------------------------------------------------------------------------------
-def arg(default, help, choices=None):
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help, choices=None, check=None):
+    """A flag: default, help text, allowed choices, and a check of its value made when the command
+    line is parsed: "> 0", ">= 0", "[0, 1]", "(0, 1]", ">= 2"."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
+
+
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
+          "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1}
 
 
 def _bool(s):
@@ -81,7 +95,12 @@ def parse_args(cls, doc, argv=None):
         extra = dict(type=_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
         ap.add_argument(f"--{f.name}", default=f.default, choices=f.metadata["choices"],
                         help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
-    return cls(**vars(ap.parse_args(argv)))
+    args = cls(**vars(ap.parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        rule, value = f.metadata["check"], getattr(args, f.name)
+        if rule and not (math.isfinite(value) and CHECKS[rule](value)):
+            raise UserError(f"--{f.name} {value:g}: must be {rule}")
+    return args
 
 
 def set_seed(seed):
@@ -261,7 +280,8 @@ def clip_grad_norm(model, max_norm):
 # Loading and saving models
 # ---------------------------------------------------------------------------------------------
 def check_model_path(name):
-    """Fail early, in one line, on a folder that does not exist or is an unfinished run."""
+    """Fail early, in one line, on a folder that does not exist, is an unfinished run or holds
+    no model."""
     if os.path.isdir(name):
         if os.path.exists(os.path.join(name, "args.json")) and not is_done(name):
             raise UserError(f"{name} is a run folder without its DONE marker: that stage did not "
@@ -274,16 +294,65 @@ def check_model_path(name):
         raise UserError(f"model folder {name} does not exist")
 
 
+def model_kind(name):
+    """'reward model', 'causal LM' or None (unknown: a hub name, or no architectures listed), from
+    the folder's config.json."""
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        return None
+    archs = " ".join(read_json(path).get("architectures") or [])
+    if "ForSequenceClassification" in archs:
+        return "reward model"
+    return "causal LM" if "ForCausalLM" in archs else None
+
+
+def read_json(path):
+    """A JSON file written by this project; a damaged one is one line naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}): delete it (or its folder) and run the stage that "
+                        "wrote it again") from None
+
+
 def _from_pretrained(cls, name, **kw):
     check_model_path(name)
+    local = os.path.isdir(name)
+    if local and cls.__name__ != "AutoTokenizer":
+        read_json(os.path.join(name, "config.json"))
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
+            raise UserError(f"{name} has a config.json but no weights (*.safetensors): the stage "
+                            "that wrote it did not finish saving; delete it and run that stage again")
     try:
-        return cls.from_pretrained(name, **kw)
-    except OSError as e:
+        model = cls.from_pretrained(name, **kw)
+    except Exception as e:  # transformers, safetensors and the hub raise many types
+        first = (str(e).splitlines() or [""])[0][:200]
+        if local:
+            raise UserError(f"cannot load {name} ({type(e).__name__}: {first}): the folder is damaged; "
+                            "delete it and run the stage that wrote it again") from None
+        if not isinstance(e, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise UserError(f"cannot load {name!r}: it is not a local folder and {why} "
-                        f"({str(e).splitlines()[0][:160]}). Download it where there is network "
-                        "access and pass the local folder instead") from None
+                        f"({first}). Download it where there is network access and pass the "
+                        "local folder instead") from None
+    if isinstance(model, torch.nn.Module):
+        for pname, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"{name} holds non-finite weights (NaN or inf, first in {pname}): "
+                                "it was saved by a run that diverged; train it again")
+    return model
+
+
+def same_tokenizer(tok, name, other, other_name):
+    """Refuse two models whose tokenizers differ (vocabulary or special tokens): their token ids
+    would mean different things to each other."""
+    specials = lambda t: (t.pad_token_id, t.eos_token_id, t.bos_token_id, len(t))
+    if specials(tok) != specials(other) or tok.get_vocab() != other.get_vocab():
+        raise UserError(f"the tokenizers of {name} and {other_name} differ (vocabulary or special "
+                        "tokens): both models must come from the same SFT model")
 
 
 def no_dropout(model):
@@ -309,6 +378,9 @@ def load_tokenizer(name):
 
 def load_causal_lm(name, tok):
     from transformers import AutoModelForCausalLM
+    if model_kind(name) == "reward model":
+        raise UserError(f"{name} is a reward model (sequence classification), not a causal LM: "
+                        "pass a policy (an SFT, DPO or PPO folder)")
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
     return _fit_vocab(no_dropout(model), tok)
 
@@ -328,6 +400,10 @@ def save_model(model, tok, out_dir, d, extra=None):
     hf = getattr(inner, "hf", inner)
     if hf is not inner:  # a wrapper such as reward_model.ScalarModel: strip its prefix
         sd = {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
+    bad = broadcast_object(next((k for k, v in sd.items() if not torch.isfinite(v).all()), None))
+    if bad:
+        raise UserError(f"{out_dir}: the weights to save are not finite (NaN or inf, first in {bad}); "
+                        "nothing saved, no DONE written: lower the learning rate (or eta) and run again")
     if d.main:
         tmp = os.path.join(out_dir, "model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -336,7 +412,7 @@ def save_model(model, tok, out_dir, d, extra=None):
         for name, obj in (extra or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
-        for name in os.listdir(tmp):
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "DONE"):  # a DONE marker last
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         os.rmdir(tmp)
     barrier()
@@ -349,12 +425,89 @@ def is_done(path):
     return os.path.exists(os.path.join(path, "DONE"))
 
 
-# Flags that may differ when a run is resumed (they do not change what is computed).
-RESUME_FREE = {"save_every", "log_every", "eval_every"}
+# Flags that may differ when a run is resumed or re-run (they do not change what is computed).
+RESUME_FREE = {"save_every", "eval_every", "output_dir"}
+
+
+def settings(args):
+    """What a run folder stands for: its arguments minus those that change nothing computed."""
+    return {k: v for k, v in args.items() if k not in RESUME_FREE and k != "world_size"}
+
+
+def same(a, b):
+    """Two settings agree; two spellings of one path (runs/x, ./runs/x, /abs/runs/x) agree."""
+    if a == b:
+        return True
+    return (isinstance(a, str) and isinstance(b, str) and a != "" and b != ""
+            and os.path.realpath(a) == os.path.realpath(b))
+
+
+def differences(before, now):
+    keys = [k for k in now if k in before and not same(before[k], now[k])]
+    return ", ".join(f"--{k} {before[k]!r} -> {now[k]!r}" for k in keys)
+
+
+_LOCKS = {}
+
+
+def lock(folder):
+    """An exclusive lock on <folder>/LOCK for as long as this process lives (the kernel releases it
+    when the process ends, however it ends, so a lock left by a killed run is simply taken)."""
+    key = os.path.realpath(folder)
+    if key in _LOCKS:  # this process locked it before (a stage run twice in one process)
+        _LOCKS.pop(key).close()
+    f = open(os.path.join(folder, "LOCK"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{folder} is in use by {who}: wait for it to end (or stop it) before "
+                        "running this stage there again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS[key] = f
 
 
 class Run:
-    """A stage's output folder. Resumes from its last checkpoint when one is there."""
+    """A stage's output folder: args.json, metrics.jsonl, checkpoint/, and DONE written last.
+    Run.open returns None when the folder is done with the same settings (skip the stage)."""
+
+    @classmethod
+    def open(cls, path, args, d):
+        """Lock the folder, then: done with these settings -> None; done with other settings -> an
+        error naming them; else a Run that resumes from its checkpoint when there is one."""
+        verdict = None
+        if d.main:
+            try:
+                os.makedirs(path, exist_ok=True)
+                lock(path)
+            except UserError as e:
+                verdict = e
+            except OSError as e:  # read-only, no permission, full disk
+                verdict = UserError(f"cannot write in {path}: {e.strerror}")
+            else:
+                verdict = cls._done_verdict(path, dataclasses.asdict(args))
+        verdict = broadcast_object(verdict)
+        if isinstance(verdict, UserError):
+            raise verdict
+        if verdict == "done":
+            d.print(f"{path} is done (DONE marker present, same settings): skipping")
+            return None
+        return cls(path, args, d)
+
+    @staticmethod
+    def _done_verdict(path, now):
+        if not is_done(path):
+            return None
+        before = read_json(os.path.join(path, "DONE")).get("settings")
+        if before is None or not differences(before, now):  # no settings: predates this check
+            return "done"
+        return UserError(f"{path} is done with other settings ({differences(before, now)} "
+                         "(before -> now)): use another --output_dir, or delete the folder to redo it")
 
     def __init__(self, path, args, d):
         self.path, self.d, self.t0 = path, d, time.time()
@@ -363,14 +516,14 @@ class Run:
         if d.main:
             os.makedirs(path, exist_ok=True)
             old = os.path.join(path, "args.json")
-            if os.path.exists(old) and self.has_checkpoint():
-                with open(old) as f:
-                    before = json.load(f)
-                diff = {k: (before.get(k), v) for k, v in self.args.items()
-                        if k not in RESUME_FREE and before.get(k) != v}
+            if self.has_checkpoint():
+                before = settings(read_json(old)) if os.path.exists(old) else {}
+                diff = differences(before, settings(self.args))
                 if diff:
-                    raise UserError(f"{path} holds a checkpoint of a run with other arguments "
-                                    f"{diff} (before, now): use another --output_dir or delete it")
+                    raise UserError(f"{path} holds a checkpoint of a run with other arguments ({diff} "
+                                    "(before -> now)): use another --output_dir or delete it")
+            elif os.path.exists(os.path.join(path, "metrics.jsonl")):  # a fresh start: no old history
+                os.remove(os.path.join(path, "metrics.jsonl"))
             with open(old + ".tmp", "w") as f:
                 json.dump({**self.args, "world_size": d.world}, f, indent=2)
             os.replace(old + ".tmp", old)
@@ -392,9 +545,23 @@ class Run:
             with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def stop_unless_finite(self, step, **values):
+        """Called before every optimizer step with global values (the same on every process): a
+        NaN or inf stops the stage with one line; the last checkpoint stays, no DONE is written."""
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            return
+        kept = (f"the last checkpoint ({self.ckpt}) is kept: lower the learning rate and re-run "
+                "with the same arguments to resume from it, or delete the folder"
+                if self.has_checkpoint() else "no checkpoint had been saved yet")
+        raise UserError(f"{self.path}: step {step + 1}: non-finite "
+                        f"{', '.join(f'{k} = {v}' for k, v in bad.items())}; stopped before the "
+                        f"update, no DONE written; {kept}")
+
     def save_checkpoint(self, step, parts, state=None):
-        """DCP checkpoint of {name: (model, optimizer)} (reshardable to another world size) plus
-        a small JSON state, written to checkpoint.tmp and renamed into place."""
+        """DCP checkpoint of {name: (model, optimizer)} (reshardable to another world size), each
+        process's random generators, and a small JSON state, written to checkpoint.tmp and renamed
+        into place."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         sd = {}
@@ -405,9 +572,13 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         dcp.save(sd, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        rng = {"cpu": torch.get_rng_state(), "world": self.d.world,
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, os.path.join(tmp, f"rng{self.d.rank}.pt"))
+        barrier()
         if self.d.main:
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, "rng": torch.get_rng_state().tolist(), **(state or {})}, f)
+                json.dump({"step": step, **(state or {})}, f)
             if os.path.exists(self.ckpt):
                 shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
                 os.replace(self.ckpt, self.ckpt + ".old")
@@ -417,7 +588,8 @@ class Run:
         barrier()
 
     def load_checkpoint(self, parts):
-        """Restore the last checkpoint into {name: (model, optimizer)}; its state dict, or None."""
+        """Restore the last checkpoint into {name: (model, optimizer)} and this process's random
+        generators (when the world size is the one it was saved with); its state dict, or None."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         path = next((self.ckpt + s for s in ("", ".old")
@@ -427,12 +599,24 @@ class Run:
         sd = {}
         for name, (model, opt) in parts.items():
             sd[f"{name}/model"], sd[f"{name}/optim"] = get_state_dict(model, opt)
-        dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+        state = read_json(os.path.join(path, "state.json"))
+        try:
+            dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+            rng_file = os.path.join(path, f"rng{self.d.rank}.pt")
+            rng = torch.load(rng_file, weights_only=True) if os.path.exists(rng_file) else None
+        except (Exception, dcp.api.CheckpointException) as e:  # many types on a damaged file
+            raise UserError(f"the checkpoint {path} cannot be read ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:160]}): delete it to start this "
+                            "stage over") from None
         for name, (model, opt) in parts.items():
             set_state_dict(model, opt, model_state_dict=sd[f"{name}/model"], optim_state_dict=sd[f"{name}/optim"])
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        if rng is not None and rng["world"] == self.d.world:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            self.d.print("the checkpoint's random generators are for another number of processes: "
+                         "sampling after the resume is not the uninterrupted run's")
         if self.d.main:  # forget metrics logged after the checkpoint: they will be logged again
             self._truncate_metrics(state["step"])
         barrier()
@@ -443,20 +627,21 @@ class Run:
         p = os.path.join(self.path, "metrics.jsonl")
         if os.path.exists(p):
             with open(p) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= step]
+                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
             with open(p + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(p + ".tmp", p)
 
     def finish(self, summary):
-        """Write DONE last: its presence means everything else in the folder is complete."""
+        """Write DONE (the summary and the settings it stands for) last: its presence means
+        everything else in the folder is complete. The checkpoint goes only after it."""
         if self.d.main:
-            shutil.rmtree(self.ckpt, ignore_errors=True)
-            shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
             summary = {**summary, "wall_time_s": round(time.time() - self.t0, 1)}
             with open(os.path.join(self.path, "DONE.tmp"), "w") as f:
-                json.dump(summary, f, indent=2)
+                json.dump({**summary, "settings": settings(self.args)}, f, indent=2)
             os.replace(os.path.join(self.path, "DONE.tmp"), os.path.join(self.path, "DONE"))
+            shutil.rmtree(self.ckpt, ignore_errors=True)
+            shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
             print(json.dumps(summary), flush=True)
         barrier()
 

@@ -1,7 +1,7 @@
 """sft.py: supervised fine-tuning, the first stage of RLHF. The loss is the next-token
 cross-entropy on response tokens only: prompt and padding tokens contribute nothing.
 
-    python sft.py                                         # embedded task, CPU, about 2 minutes
+    python sft.py                                         # embedded task, CPU, under a minute
     torchrun --nproc_per_node 2 sft.py                    # the same with DDP (gloo on CPU)
     torchrun --nproc_per_node 8 sft.py --strategy fsdp \\
         --model_name_or_path meta-llama/Llama-2-7b-hf --data Anthropic/hh-rlhf \\
@@ -27,19 +27,19 @@ class Args:
     model_name_or_path: str = arg("runs/default/task/base_model", "base model: a local folder or a hub name")
     data: str = arg("runs/default/task/data/sft.jsonl", "SFT rows: {prompt, response} or HH-RLHF rows")
     output_dir: str = arg("runs/default/sft", "run folder (a save_pretrained model when done)")
-    epochs: float = arg(4.0, "passes over the data (paper: 2)")
-    lr: float = arg(5e-3, "peak learning rate, AdamW (paper: 2e-5; the tiny default trains from scratch)")
-    warmup: float = arg(0.3, "linear warm-up, in epochs (paper: 0.3), then linear decay to zero")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    global_batch: int = arg(32, "rows per optimizer step, whatever the number of processes (paper: 32)")
-    micro_batch: int = arg(0, "rows per forward pass on one process (0: all of its share at once)")
-    max_len: int = arg(128, "maximum prompt + response tokens")
+    epochs: float = arg(4.0, "passes over the data (paper: 2)", check="> 0")
+    lr: float = arg(5e-3, "peak learning rate, AdamW (paper: 2e-5; the tiny default trains from scratch)", check="> 0")
+    warmup: float = arg(0.3, "linear warm-up, in epochs (paper: 0.3), then linear decay to zero", check=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
+    global_batch: int = arg(32, "rows per optimizer step, whatever the number of processes (paper: 32)", check="> 0")
+    micro_batch: int = arg(0, "rows per forward pass on one process (0: all of its share at once)", check=">= 0")
+    max_len: int = arg(128, "maximum prompt + response tokens", check="> 0")
     truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
-    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
-    max_steps: int = arg(0, "stop after this many steps (0: all epochs)")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
+    max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
     seed: int = arg(1, "seed for initialisation and data order")
-    save_every: int = arg(100, "checkpoint every this many steps")
+    save_every: int = arg(100, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
@@ -63,11 +63,10 @@ def collate(examples, pad_id):
 
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
-    if runtime.is_done(args.output_dir):
-        d.print(f"{args.output_dir} is done (DONE marker present): skipping")
-        return
     runtime.set_seed(args.seed)
-    run = runtime.Run(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
 
     # 1. data: tokenized once; prompt tokens are masked out of the loss
     tok = runtime.load_tokenizer(args.model_name_or_path)
@@ -105,10 +104,12 @@ def train(args):
                 (s * d.world / n_tokens).backward()
             loss_sum += s.item()
         grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
+        loss = runtime.all_sum(loss_sum) / n_tokens
+        run.stop_unless_finite(step, **{"train/loss": loss, "train/grad_norm": grad_norm})
         lr = runtime.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/loss": runtime.all_sum(loss_sum) / n_tokens, "train/lr": lr,
+        run.log(step + 1, {"train/loss": loss, "train/lr": lr,
                            "train/grad_norm": grad_norm, "train/tokens": int(n_tokens)})
         if (step + 1) % args.save_every == 0 and step + 1 < total:
             run.save_checkpoint(step + 1, {"model": (model, opt)})

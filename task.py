@@ -425,7 +425,10 @@ def label_main(args):
     import data  # the project's loader: a bad meta-data row is one line naming file and row
     if not args.out or args.pairs < 1:
         raise SystemExit("task.py --label: give --out <pairs file> and --pairs >= 1")
-    meta = [(p, rs) for p, rs, _ in data.load_meta(args.label)]
+    try:
+        meta = [(p, rs) for p, rs, _ in data.load_meta(args.label)]
+    except data.DataError as e:
+        raise SystemExit(f"task.py --label: {e}") from None
     if not all(is_task_prompt(p) for p, _ in meta):
         raise SystemExit(f"task.py --label: {args.label} holds prompts the embedded task's annotator "
                          "does not know; the oracle only exists for the embedded task")

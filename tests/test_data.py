@@ -56,7 +56,7 @@ def test_bad_sft_prompt_and_meta_rows(tmp_path):
     assert data.load_prompts(plain)[0][0] == "\n\nHuman: what is a good name for a cat?\n\nAssistant:"
     meta = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "responses": [" a", " b"]},
                             {"prompt": "\n\nHuman: yo\n\nAssistant:", "responses": [" a", " b", " c"]}], "m.jsonl")
-    with pytest.raises(data.DataError, match="m.jsonl, row 2: has 3 responses, earlier rows have 2"):
+    with pytest.raises(data.DataError, match="m.jsonl, row 2: has another number of responses than the first rows. 2 \\(3\\)"):
         data.load_meta(meta)
 
 

@@ -29,8 +29,15 @@ def runs(micro, micro_sft, micro_rm, tmp_path_factory):
         with open(cfg, "w") as f:
             json.dump({**info, "other_ckpt": str(root / "single" / "ckpt") if name != "single" else None}, f)
         out[name] = str(root / name)
-        run_script("tests/dist_harness.py", name, out[name], cfg, nproc=nproc)
+        out[f"{name}_stderr"] = run_script("tests/dist_harness.py", name, out[name], cfg, nproc=nproc).stderr
     return out
+
+
+def test_fsdp_reward_model_output_is_not_a_view(runs):
+    """FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the
+    all-gather): ScalarModel returns a new tensor, so no stage under FSDP2 sees that warning."""
+    assert "returned a view tensor" not in runs["fsdp_stderr"]
+    assert "Traceback" not in runs["fsdp_stderr"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -63,4 +63,4 @@ def test_a_short_run_learns_and_saves_a_policy(micro, micro_sft, tmp_path):
 def test_beta_must_be_positive(micro, micro_sft, tmp_path):
     from conftest import assert_cli_error
     assert_cli_error("dpo.py", "--sft_dir", micro_sft, "--output_dir", str(tmp_path / "x"), "--beta", "0",
-                     message="beta must be positive")
+                     message="--beta 0: must be > 0")

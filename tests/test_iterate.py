@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -94,6 +95,19 @@ def test_iterate_end_to_end(micro, tmp_path):
 
     ran, skipped, _ = iterate(run_dir, micro)
     assert ran == [] and skipped == stages
+
+    # the same RUN_DIR with other settings is refused before any stage, and so is a second iterate.sh
+    p = iterate(run_dir, micro, check=False, PPO_STEPS="3")
+    assert p.returncode == 2 and "[run ]" not in p.stdout and "[skip]" not in p.stdout, p.stdout + p.stderr
+    assert "was run with other settings: before PPO_STEPS=2; now PPO_STEPS=3" in p.stderr, p.stderr
+    holder = subprocess.Popen(["flock", os.path.join(run_dir, "LOCK"), "sleep", "60"])
+    try:
+        time.sleep(0.5)
+        p = iterate(run_dir, micro, check=False)
+        assert p.returncode == 2 and "is in use by another iterate.sh" in p.stderr, p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
     stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE"))
     os.remove(os.path.join(run_dir, "seed1", "oracle", "round1", "rm", "DONE"))

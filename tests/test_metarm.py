@@ -137,6 +137,28 @@ def test_every_form_leaves_the_parameters_untouched():
         assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), mode
 
 
+@pytest.mark.parametrize("leftover", ["random", "ones", "some None"])
+def test_a_leftover_grad_changes_nothing_and_is_left_as_found(leftover):
+    """meta_gradient is public: whatever .grad the caller's parameters hold, every form gives the
+    gradient it gives on clean parameters, and the .grad is there afterwards, unchanged."""
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    params = list(model.parameters())
+    clean = {m: flat(metarm.meta_gradient(model, X_t, X_s, k, 0.5, m)[0]) for m in ("exact", "first_order", "taylor")}
+    g = torch.Generator().manual_seed(3)
+    for i, p in enumerate(params):
+        if leftover == "random" or (leftover == "some None" and i % 2):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        elif leftover == "ones":
+            p.grad = torch.ones_like(p)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    for mode in ("exact", "first_order", "taylor"):
+        got = flat(metarm.meta_gradient(model, X_t, X_s, k, 0.5, mode)[0])
+        assert torch.equal(got, clean[mode]), mode
+        for p, b in zip(params, before):
+            assert (p.grad is None and b is None) or torch.equal(p.grad, b), mode
+
+
 def test_eta_zero_gives_the_vanilla_gradient():
     model = tiny_reward_model("gpt2")
     X_t, X_s, k = batches()

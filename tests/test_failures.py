@@ -1,0 +1,358 @@
+"""No silent failure: every way a run can go wrong ends in one clear line (or in the result an
+uninterrupted run gives), never in DONE over a broken folder, a traceback or lost rows.
+NaN guards, run locks, settings-aware DONE, model kinds, flag checks, loaders, resume, damaged files."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import dpo
+import metarm
+import ppo
+import reward_model as rm
+import runtime
+import sft
+from conftest import ROOT, assert_cli_error, metrics, run_script
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def sft_argv(micro, out, *extra):
+    return ["--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
+            "--output_dir", str(out), "--global_batch", "16", "--max_steps", "2", *extra]
+
+
+# --- 1. a non-finite loss or gradient stops the stage: no DONE, the checkpoint kept -------------
+def poisoned(fn, after):
+    """fn, but from its (after+1)-th call on every output is multiplied by NaN (graph kept)."""
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        out = fn(*a, **k)
+        if len(calls) <= after:
+            return out
+        return tuple(o * float("nan") for o in out) if isinstance(out, tuple) else out * float("nan")
+    return wrapper
+
+
+def stage_argv(micro, micro_sft, micro_rm, tmp_path, stage):
+    pairs = ["--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", ""]
+    meta = tmp_path / "meta.jsonl"
+    with open(meta, "w") as f:
+        for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")[:8]:
+            f.write(json.dumps({"prompt": p, "responses": [" yes", " no thanks", " maybe"]}) + "\n")
+    return {
+        sft: sft_argv(micro, tmp_path / "out", "--max_steps", "4"),
+        rm: ["--sft_dir", micro_sft, *pairs, "--global_batch", "8", "--max_steps", "4"],
+        metarm: ["--sft_dir", micro_sft, *pairs, "--meta_data", str(meta), "--global_batch", "8",
+                 "--meta_batch", "2", "--max_steps", "4"],
+        dpo: ["--sft_dir", micro_sft, *pairs, "--global_batch", "8", "--max_steps", "4"],
+        ppo: ppo_argv(micro, micro_sft, micro_rm, tmp_path / "out", "--steps", "4"),
+    }[stage] + ["--output_dir", str(tmp_path / "out"), "--save_every", "2"]
+
+
+@pytest.mark.parametrize("stage,loss,calls_per_step", [
+    (sft, "sft_loss_sum", 1), (rm, "pair_loss", 1), (metarm, "difference_loss", 2), (dpo, "dpo_loss", 1),
+    (ppo, "policy_loss", 2)])
+def test_injected_non_finite_loss_stops_the_stage(micro, micro_sft, micro_rm, tmp_path, monkeypatch,
+                                                  stage, loss, calls_per_step):
+    """Steps 1-2 are fine (a checkpoint at step 2), step 3's loss is NaN: one line naming step 3,
+    the checkpoint of step 2 kept, no DONE, no weights."""
+    monkeypatch.setattr(stage, loss, poisoned(getattr(stage, loss), 2 * calls_per_step))
+    with pytest.raises(runtime.UserError, match=r"step 3: non-finite .*checkpoint .* is kept"):
+        stage.main(stage_argv(micro, micro_sft, micro_rm, tmp_path, stage))
+    out = tmp_path / "out"
+    assert not runtime.is_done(out) and not (out / "model.safetensors").exists()
+    with open(out / "checkpoint" / "state.json") as f:
+        assert json.load(f)["step"] == 2
+
+
+def test_injected_nan_names_step_and_quantity(micro, tmp_path):
+    d = runtime.Dist()
+    run = runtime.Run.open(str(tmp_path / "r"), sft.Args(output_dir=str(tmp_path / "r")), d)
+    run.stop_unless_finite(3, **{"train/loss": 0.5})  # finite: nothing happens
+    with pytest.raises(runtime.UserError, match=r"step 4: non-finite train/loss = nan.*no checkpoint"):
+        run.stop_unless_finite(3, **{"train/loss": float("nan"), "train/grad_norm": 1.0})
+    with pytest.raises(runtime.UserError, match="train/grad_norm = inf"):
+        run.stop_unless_finite(3, **{"train/loss": 1.0, "train/grad_norm": float("inf")})
+
+
+def test_non_finite_weights_are_refused(micro_sft, tmp_path):
+    from safetensors.torch import save_file
+    bad = tmp_path / "nan_sft"
+    shutil.copytree(micro_sft, bad)
+    w = weights(bad)
+    name = sorted(w)[0]
+    w[name] = torch.full_like(w[name], float("nan"))
+    save_file(w, str(bad / "model.safetensors"))
+    tok = runtime.load_tokenizer(str(bad))
+    with pytest.raises(runtime.UserError, match="non-finite weights"):
+        runtime.load_causal_lm(str(bad), tok)
+
+
+# --- 2. one process per run folder, one iterate.sh per RUN_DIR ---------------------------------
+def test_a_second_process_is_refused_and_a_stale_lock_taken(micro, tmp_path):
+    out = tmp_path / "sft"
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", f"import runtime, time; runtime.lock({str(out)!r}); "
+                               "print('locked', flush=True); time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runtime.UserError, match=rf"in use by pid {holder.pid}"):
+            sft.main(sft_argv(micro, out))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    sft.main(sft_argv(micro, out))  # the killed holder's lock is simply taken
+    assert runtime.is_done(out)
+
+
+# --- 3. DONE stands for its settings ----------------------------------------------------------
+def test_done_with_other_settings_is_refused(micro, tmp_path, capsys):
+    out = tmp_path / "sft"
+    sft.main(sft_argv(micro, out))
+    stamp = os.path.getmtime(out / "DONE")
+    with pytest.raises(runtime.UserError, match=r"done with other settings \(--max_steps 2 -> 3"):
+        sft.main(sft_argv(micro, out, "--max_steps", "3"))
+    # flags that change nothing computed, and other spellings of the same paths, still skip
+    capsys.readouterr()
+    sft.main(sft_argv(micro, os.path.abspath(out), "--save_every", "7", "--data",
+                      "./" + os.path.relpath(f"{micro['data']}/sft.jsonl")))
+    assert "same settings): skipping" in capsys.readouterr().out
+    assert os.path.getmtime(out / "DONE") == stamp
+
+
+def test_fresh_start_does_not_keep_old_metrics(micro, tmp_path):
+    """A run killed before its first checkpoint leaves metrics.jsonl: the restart starts it over."""
+    out = tmp_path / "sft"
+    os.makedirs(out)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 9.9}) + "\n")
+    sft.main(sft_argv(micro, out))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_checkpoint_goes_only_after_done(micro, tmp_path, monkeypatch):
+    """A kill between DONE and removing the checkpoint must leave DONE, not a folder to redo."""
+    out = str(tmp_path / "r")
+    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist())
+    os.makedirs(os.path.join(out, "checkpoint"))
+    open(os.path.join(out, "checkpoint", "state.json"), "w").write('{"step": 1}')
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runtime.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.finish({"stage": "test"})
+    assert runtime.is_done(out)
+
+
+# --- 4. the right kind of model in each place ----------------------------------------------------
+def ppo_argv(micro, policy, rm_dir, out, *extra):
+    return ["--policy_dir", policy, "--rm_dir", rm_dir, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+            "--output_dir", str(out), "--steps", "2", "--queries", "4", "--max_new_tokens", "8", *extra]
+
+
+def test_wrong_model_kinds_are_refused(micro, micro_sft, micro_rm, tmp_path):
+    with pytest.raises(runtime.UserError, match=r"sft is not a reward model"):
+        ppo.main(ppo_argv(micro, micro_sft, micro_sft, tmp_path / "a"))
+    with pytest.raises(runtime.UserError, match=r"rm is a reward model .* not a causal LM"):
+        ppo.main(ppo_argv(micro, micro_rm, micro_rm, tmp_path / "b"))
+    with pytest.raises(runtime.UserError, match=r"rm is a reward model, not the SFT model"):
+        rm.main(["--sft_dir", micro_rm, "--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", "",
+                 "--output_dir", str(tmp_path / "c")])
+    no_stats = tmp_path / "rm_no_stats"
+    shutil.copytree(micro_rm, no_stats)
+    os.remove(no_stats / "reward_stats.json")
+    with pytest.raises(runtime.UserError, match="no reward_stats.json"):
+        ppo.main(ppo_argv(micro, micro_sft, str(no_stats), tmp_path / "d"))
+
+
+def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
+    other = tmp_path / "rm_other_tok"
+    shutil.copytree(micro_rm, other)
+    tok = runtime.load_tokenizer(str(other))
+    tok.add_tokens(["zzzz"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
+        ppo.main(ppo_argv(micro, micro_sft, str(other), tmp_path / "p"))
+
+
+# --- 5. every numeric flag is checked when the command line is parsed ----------------------------
+@pytest.mark.parametrize("stage,flag,value", [
+    (sft, "global_batch", "-4"), (sft, "max_steps", "-5"), (sft, "micro_batch", "-1"), (sft, "lr", "-1e-3"),
+    (sft, "save_every", "0"), (sft, "epochs", "0"), (sft, "max_len", "0"),
+    (rm, "global_batch", "0"), (rm, "eval_every", "0"), (rm, "lr", "0"), (rm, "warmup", "-0.1"),
+    (metarm, "eta", "-0.1"), (metarm, "meta_batch", "0"), (metarm, "lr", "nan"),
+    (dpo, "beta", "0"), (dpo, "global_batch", "-2"),
+    (ppo, "queries", "0"), (ppo, "mini_batches", "0"), (ppo, "temperature", "0"), (ppo, "k", "0"), (ppo, "k", "1"),
+    (ppo, "rollouts_per_query", "0"), (ppo, "ppo_epochs", "0"), (ppo, "policy_lr", "-1"), (ppo, "top_p", "0"),
+    (ppo, "top_p", "1.5"), (ppo, "gamma", "2"), (ppo, "max_new_tokens", "0"), (ppo, "steps", "-1"),
+    (ppo, "kl_coef", "-0.05"), (ppo, "snapshot_every", "-1"),
+])
+def test_bad_flag_is_one_line_at_parse_time(stage, flag, value):
+    with pytest.raises(runtime.UserError, match=rf"^--{flag} {float(value):g}: must be"):
+        runtime.parse_args(stage.Args, "", [f"--{flag}={value}"])
+
+
+def test_bad_flag_from_the_command_line():
+    assert_cli_error("ppo.py", "--queries", "0", message="--queries 0: must be > 0")
+
+
+# --- 6. loaders: undecodable bytes, malformed real-schema rows, invalid JSON; every drop counted --
+def write_lines(path, lines):
+    with open(path, "wb") as f:
+        f.write(b"\n".join(l if isinstance(l, bytes) else json.dumps(l).encode() for l in lines) + b"\n")
+    return str(path)
+
+
+GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
+
+
+def test_bytes_that_are_not_utf8(tmp_path, capsys):
+    path = write_lines(tmp_path / "p.jsonl", [GOOD, b'{"chosen": "\xff\xfe"}', GOOD])
+    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: not UTF-8 text \(byte 0xff at column 13\)"):
+        data.load_pairs(path)
+    assert len(data.load_pairs(path, skip_bad=True)) == 2
+    assert "skipped 1 rows (1 x not UTF-8 text)" in capsys.readouterr().out
+
+
+def test_invalid_json_is_skippable(tmp_path, capsys):
+    path = write_lines(tmp_path / "p.jsonl", [GOOD, b'{"chosen": ', GOOD])
+    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: not valid JSON"):
+        data.load_pairs(path)
+    assert len(data.load_pairs(path, skip_bad=True)) == 2
+    assert "1 x not valid JSON" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"info": {"post": "a post"}, "summaries": ["just a string", "another"], "choice": 0}, "a TL;DR comparison needs"),
+    ({"info": {"title": "t"}, "summaries": [{"text": "a"}, {"text": "b"}], "choice": 1}, "non-empty 'post'"),
+    ({"prompt": "how?", "response_0": "a", "safer_response_id": 0}, "missing key 'response_1'"),
+    ({"prompt": "how?", "response_0": "a", "response_1": 7, "safer_response_id": 1}, "'response_1' should be a string"),
+    ({"prompt": "how?", "response_0": "a", "response_1": "b", "safer_response_id": 2}, "missing or bad 'safer_response_id'"),
+])
+def test_malformed_real_schema_rows(tmp_path, row, message, capsys):
+    path = write_lines(tmp_path / "real.jsonl", [row, GOOD])
+    with pytest.raises(data.DataError, match=rf"real.jsonl, row 1: .*{re.escape(message)}"):
+        data.load_pairs(path)
+    assert len(data.load_pairs(path, skip_bad=True)) == 1
+    assert "skipped 1 rows" in capsys.readouterr().out
+
+
+def test_empty_prompt_is_counted_and_reasons_are_whole(tmp_path, capsys):
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": ""}, {"prompt": "hi"}, {"prompt": "\n\nHuman: x"}])
+    with pytest.raises(data.DataError, match="row 1: empty prompt"):
+        data.load_prompts(path)
+    assert [p for p, _ in data.load_prompts(path, skip_bad=True)] == ["\n\nHuman: hi\n\nAssistant:"]
+    out = capsys.readouterr().out
+    assert "skipped 2 rows (1 x empty prompt, 1 x a prompt that starts with '\\n\\nHuman:' must end with " \
+           "'\\n\\nAssistant:')" in out
+
+
+def test_meta_rows_of_another_k(tmp_path, capsys):
+    row = lambda k: {"prompt": "hi", "responses": [f" r{i}" for i in range(k)]}
+    path = write_lines(tmp_path / "m.jsonl", [row(4)] + [row(5)] * 39)
+    with pytest.raises(data.DataError, match=r"m.jsonl, row 2: has another number of responses than the first rows' 4"):
+        data.load_meta(path)
+    kept = data.load_meta(path, skip_bad=True)  # the most common k wins, the odd row is counted
+    assert len(kept) == 39 and {len(rs) for _, rs, _ in kept} == {5}
+    assert "skipped 1 rows (1 x has another number of responses than the most common rows' 5)" in capsys.readouterr().out
+
+
+def test_cuts_are_reported(micro, micro_sft, micro_rm, tmp_path):
+    """PPO prompts cut to --max_prompt_len, and meta and held-out rows cut to --max_len, are counted."""
+    p = run_script("ppo.py", *ppo_argv(micro, micro_sft, micro_rm, tmp_path / "ppo", "--steps", "1",
+                                      "--max_prompt_len", "6", "--truncate", "true"))
+    assert "prompts truncated (cut from the left, --max_prompt_len 6)" in p.stdout
+    meta = write_lines(tmp_path / "meta.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:",
+                                                  "responses": [" yes " * 40, " no"]}] * 4)
+    p = run_script("metarm.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
+                   "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--meta_data", meta,
+                   "--output_dir", str(tmp_path / "m"), "--max_len", "40", "--truncate", "true",
+                   "--max_steps", "1", "--global_batch", "4", "--meta_batch", "2")
+    assert f"{meta}: 4 rows truncated (response cut from the right, --max_len 40)" in p.stdout
+    assert "pairs_test.jsonl: " in p.stdout and "rows truncated" in p.stdout.split("pairs_test.jsonl: ")[1]
+
+
+# --- 7. a killed PPO run resumes to the uninterrupted run's result, bit for bit -------------------
+def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path):
+    argv = lambda out: ["ppo.py", *ppo_argv(micro, micro_sft, micro_rm, out, "--steps", "6", "--save_every", "2")]
+    run_script(*argv(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *argv(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    t0 = time.time()
+    while not (out / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None and time.time() - t0 < 300, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not runtime.is_done(out)
+    run_script(*argv(out))
+    a, b = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == sorted(set(steps)) == list(range(1, 7))
+    whole = [m["objective/scores"] for m in metrics(tmp_path / "whole")]
+    assert [m["objective/scores"] for m in metrics(out)] == whole
+
+
+# --- 8. damaged files: one line naming the file and what to delete ----------------------------
+def test_damaged_model_folders(micro_sft, tmp_path):
+    tok = runtime.load_tokenizer(micro_sft)
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_sft, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(runtime.UserError, match=r"cannot load .*broken .*the folder is damaged; delete it"):
+        runtime.load_causal_lm(str(broken), tok)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(runtime.UserError, match=r"broken/config.json is damaged"):
+        runtime.load_causal_lm(str(broken), tok)
+    empty = tmp_path / "no_weights"
+    shutil.copytree(micro_sft, empty)
+    os.remove(empty / "model.safetensors")
+    with pytest.raises(runtime.UserError, match=r"no_weights has a config.json but no weights"):
+        runtime.load_causal_lm(str(empty), tok)
+
+
+def test_damaged_checkpoint(micro, tmp_path):
+    out = str(tmp_path / "sft")
+    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist())
+    model = runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"]))
+    opt = torch.optim.AdamW(model.parameters())
+    run.save_checkpoint(1, {"model": (model, opt)})
+    for name in os.listdir(os.path.join(out, "checkpoint")):
+        if name.endswith(".distcp"):
+            with open(os.path.join(out, "checkpoint", name), "r+b") as f:
+                f.truncate(10)
+    with pytest.raises(runtime.UserError, match=r"the checkpoint .*checkpoint cannot be read .*delete it"):
+        run.load_checkpoint({"model": (model, opt)})
+
+
+def test_snapshot_done_is_written_last(micro_sft, tmp_path, monkeypatch):
+    tok = runtime.load_tokenizer(micro_sft)
+    model = runtime.load_causal_lm(micro_sft, tok)
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(runtime.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real(a, b)))
+    os.makedirs(tmp_path / "snap")
+    runtime.save_model(model, tok, str(tmp_path / "snap"), runtime.Dist(), extra={"DONE": {"step": 1}})
+    assert moved[-1] == "DONE" and "model.safetensors" in moved
+
+
+def test_unwritable_folder_is_one_line(micro):
+    assert_cli_error("sft.py", *sft_argv(micro, "/sys/kernel/no_such_dir/sft"), message="cannot write in /sys/kernel")
