@@ -378,24 +378,32 @@ def policy_dirs(run, arms, R):
 
 def comparison_plan(arms, R, steps):
     """The (a, b) pairs every report compares, a against b: each arm's round k against SFT, its own
-    round k - 1, the vanilla arm's round k, vanilla PPO after as many steps, and DPO."""
+    round k - 1, the vanilla arm's round k, vanilla PPO after as many steps, and DPO; an arm with
+    modifiers (metarm+anchor=sft) also against its plain arm (what the modifiers change) and
+    against the vanilla arm with the same modifiers (the meta-step under them)."""
     rounds = [a for a in arms if base(a) != "dpo"]
     has_dpo = any(base(a) == "dpo" for a in arms)
     plan = []
+    add = lambda pair: plan.append(pair) if pair not in plan else None
     for arm in rounds:
+        mods = arm[len(base(arm)):]
         for k in range(1, R + 1):
             me = f"{arm}/round{k}"
-            plan.append((me, "sft"))
+            add((me, "sft"))
             if k > 1:
-                plan.append((me, f"{arm}/round{k - 1}"))  # does the arm improve round over round?
+                add((me, f"{arm}/round{k - 1}"))  # does the arm improve round over round?
             if "vanilla" in arms and arm != "vanilla":
-                plan.append((me, f"vanilla/round{k}"))
-            plan.append((me, f"vanilla_ppo/step{k * steps}"))
+                add((me, f"vanilla/round{k}"))
+            if mods and base(arm) in arms:
+                add((me, f"{base(arm)}/round{k}"))
+            if mods and base(arm) != "vanilla" and f"vanilla{mods}" in arms:
+                add((me, f"vanilla{mods}/round{k}"))
+            add((me, f"vanilla_ppo/step{k * steps}"))
             if has_dpo:
-                plan.append((me, "dpo"))
+                add((me, "dpo"))
     if has_dpo:
-        plan.append(("dpo", "sft"))
-    plan.append((f"vanilla_ppo/step{R * steps}", "sft"))
+        add(("dpo", "sft"))
+    add((f"vanilla_ppo/step{R * steps}", "sft"))
     return plan
 
 

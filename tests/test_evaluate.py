@@ -121,3 +121,14 @@ def test_compare_by_hand():
     assert (c["win"], c["tie"], c["lose"]) == pytest.approx((100 * 3 / 6, 100 * 2 / 6, 100 * 1 / 6))
     assert c["win_minus_lose"]["mean"] == pytest.approx(100 * 2 / 6)
     assert (c["seeds"], c["prompts"]) == (2, 3)
+
+
+def test_comparison_plan_pairs_modified_arms_with_their_controls():
+    plan = ev.comparison_plan(["metarm", "vanilla", "vanilla+anchor=sft", "metarm+anchor=sft"], 2, 20)
+    assert len(plan) == len(set(plan))
+    want = {("metarm+anchor=sft/round2", "metarm/round2"),             # what the SFT anchor changes
+            ("metarm+anchor=sft/round2", "vanilla+anchor=sft/round2"),  # the meta-step under it
+            ("vanilla+anchor=sft/round1", "vanilla/round1"), ("metarm/round2", "vanilla/round2"),
+            ("metarm/round2", "metarm/round1"), ("vanilla_ppo/step40", "sft")}
+    assert want <= set(plan)
+    assert ("metarm/round1", "vanilla+anchor=sft/round1") not in plan

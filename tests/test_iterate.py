@@ -100,7 +100,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     p = iterate(run_dir, micro, check=False, PPO_STEPS="3")
     assert p.returncode == 2 and "[run ]" not in p.stdout and "[skip]" not in p.stdout, p.stdout + p.stderr
     assert "was run with other settings: before PPO_STEPS=2; now PPO_STEPS=3" in p.stderr, p.stderr
-    holder = subprocess.Popen(["flock", os.path.join(run_dir, "LOCK"), "sleep", "60"])
+    holder = subprocess.Popen(["flock", "-o", os.path.join(run_dir, "LOCK"), "sleep", "60"])
     try:
         time.sleep(0.5)
         p = iterate(run_dir, micro, check=False)
