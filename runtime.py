@@ -24,11 +24,21 @@ import torch
 import torch.distributed as dist
 
 
-def progress(iterable, d, **kw):
-    """A tqdm bar on rank 0; in a log file (not a terminal) it prints every 20 seconds at most."""
-    from tqdm import tqdm
-    return tqdm(iterable, disable=not d.main, dynamic_ncols=True,
-                mininterval=0.2 if sys.stderr.isatty() else 20, **kw)
+def progress(iterable, d, desc="", total=None, initial=0):
+    """A tqdm bar on rank 0 in a terminal; in a log file, a plain line every 30 seconds at most
+    ('ppo: 12/20 steps, 20 s'), with no carriage returns or cursor escapes."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        yield from tqdm(iterable, disable=not d.main, dynamic_ncols=True, desc=desc, total=total, initial=initial)
+        return
+    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+    t0 = last = time.time()
+    for n, item in enumerate(iterable, initial + 1):
+        yield item
+        now = time.time()
+        if d.main and (now - last >= 30 or n == total):
+            print(f"{desc}: {n}/{total or '?'}, {now - t0:.0f} s", file=sys.stderr, flush=True)
+            last = now
 
 
 # DCP warns that it saves "in a single process" whenever no process group exists: that is intended.
@@ -317,6 +327,9 @@ def read_json(path):
 
 
 def _from_pretrained(cls, name, **kw):
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # no per-load progress bar, no report on the new score head:
+    hf_logging.disable_progress_bar()  # the stages say what they load, in one line
     check_model_path(name)
     local = os.path.isdir(name)
     if local and cls.__name__ != "AutoTokenizer":
@@ -584,7 +597,8 @@ class Run:
                 os.replace(self.ckpt, self.ckpt + ".old")
             os.replace(tmp, self.ckpt)
             shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
-            print(f"\ncheckpoint: step {step} saved in {self.ckpt}", file=sys.stderr, flush=True)
+            print(f"{chr(10) if sys.stderr.isatty() else ''}checkpoint: step {step} saved in {self.ckpt}",
+                  file=sys.stderr, flush=True)
         barrier()
 
     def load_checkpoint(self, parts):
