@@ -3,7 +3,7 @@
 Builds a task (the embedded tiny model, or a larger randomly initialised Llama with --hidden
 etc.), runs each stage for a few steps in its own process, and prints, from the stages' own
 logs, the median step time and, on GPU, the peak memory and the memory held between steps
-(weights and optimizer state). With --larger it is the small-scale check of the README's
+(weights and optimizer state). With --larger it is the small-scale check of docs/scaling.md's
 memory plan: PPO with its four models of N parameters each.
 
     python bench_stages.py                                   # the tiny default

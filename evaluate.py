@@ -61,7 +61,7 @@ class Args:
     out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
 
 
-# The fields of results.json (the README's table lists the same; tests/test_iterate.py checks it).
+# The fields of results.json (docs/results.md's table lists the same; tests/test_iterate.py checks it).
 # In a seed's eval/results.json numbers are that seed's; in RUN_DIR/results.json, {"mean", "std"} over seeds.
 RESULT_FIELDS = {
     "config": "rounds, arms, ppo_steps (per round), prompts (number of test prompts), judge, tie_margin, seeds, "

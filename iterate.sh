@@ -54,7 +54,7 @@
 #   META_N     prompts sampled (k = 5 responses each) for each round's meta data; 0: all  (256)
 #   JUDGE      gold | a reward-model folder for the evaluation       (gold)
 #   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS EVAL_ARGS   extra flags for one stage
-#   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (see README)
+#   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (docs/scaling.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 

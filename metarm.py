@@ -40,14 +40,14 @@ from runtime import arg
 
 @dataclasses.dataclass
 class Args:
-    sft_dir: str = arg("runs/default/sft", "every round's RM starts from these SFT weights (new head)")
+    sft_dir: str = arg("runs/default/seed1/sft", "every round's RM starts from these SFT weights (new head)")
     init_rm: str = arg("", "start from this reward model instead of the SFT weights")
     data: str = arg("runs/default/task/data/pairs_train.jsonl", "the original preference pairs D")
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
-    meta_data: str = arg("runs/default/round1/meta.jsonl", "meta data S: k policy samples per prompt (ppo.py --sample_only)")
-    output_dir: str = arg("runs/default/round1/rm", "run folder (a save_pretrained reward model when done)")
+    meta_data: str = arg("runs/default/seed1/metarm/round1/meta.jsonl", "meta data S: k policy samples per prompt (ppo.py --sample_only)")
+    output_dir: str = arg("runs/default/seed1/metarm/round1/rm", "run folder (a save_pretrained reward model when done)")
     meta_grad: str = arg("first_order", "which gradient of L(theta') updates theta", ["exact", "first_order", "taylor"])
-    eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); README: the eta study", check=">= 0")
+    eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); docs/stages.md: the eta study", check=">= 0")
     lr: float = arg(5e-4, "alpha, the learning rate of the outer AdamW update (paper: 5e-6 at 7B)", check="> 0")
     epochs: float = arg(1.0, "passes over the original pairs (paper: 1)", check="> 0")
     warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
@@ -266,7 +266,7 @@ def check(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: one epoch over the original pairs, meta batches drawn in turn from S
+# Training: --epochs passes over the original pairs, meta batches drawn in turn from S
 # ---------------------------------------------------------------------------------------------
 def batches(tok, pairs, meta, args, d):
     """Encode pairs and meta rows into X_t, X_s (right padded) on the device."""
@@ -374,6 +374,9 @@ def train(args):
         with runtime.autocast(d):
             grad, info = meta_gradient(model, X_t, X_s, k, args.eta, args.meta_grad)
             J_prime = J_after_ascent(model, X_s, k, args.eta, info["grad_J"])
+        gL, gJ = info["grad_L"], info["grad_J"]  # measured before clipping (first_order's grad_L *is* grad)
+        grads = {"meta/cos_gradL_gradJ": dot(gL, gJ) / max(math.sqrt(dot(gL, gL) * dot(gJ, gJ)), 1e-30),
+                 "meta/gradL_norm": math.sqrt(dot(gL, gL)), "meta/gradJ_norm": math.sqrt(dot(gJ, gJ))}
         for p, g in zip(theta, grad):
             p.grad = g
         grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
@@ -382,12 +385,8 @@ def train(args):
         lr = runtime.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        gL, gJ = info["grad_L"], info["grad_J"]
-        run.log(step + 1, {"train/L": L_value, "meta/J": J_value,
-                           "meta/J_after_ascent": mean_over_processes(J_prime),
-                           "meta/cos_gradL_gradJ": dot(gL, gJ) / max(math.sqrt(dot(gL, gL) * dot(gJ, gJ)), 1e-30),
-                           "meta/gradL_norm": math.sqrt(dot(gL, gL)), "meta/gradJ_norm": math.sqrt(dot(gJ, gJ)),
-                           "train/grad_norm": grad_norm, "train/lr": lr})
+        run.log(step + 1, {"train/L": L_value, "meta/J": J_value, "meta/J_after_ascent": mean_over_processes(J_prime),
+                           **grads, "train/grad_norm": grad_norm, "train/lr": lr})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 and step + 1 < total:

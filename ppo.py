@@ -17,8 +17,8 @@ critic V, initialised from the reward model and read at every response token. On
   6. adapt beta (optional adaptive KL controller)
 
     python ppo.py                                          # embedded task, vanilla RM
-    python ppo.py --sample_only --policy_dir runs/default/sft \\
-        --prompts runs/default/task/data/prompts_train.jsonl --k 5 --out runs/default/round1/meta.jsonl
+    python ppo.py --sample_only --policy_dir runs/default/seed1/sft \\
+        --prompts runs/default/task/data/prompts_train.jsonl --k 5 --out runs/default/seed1/samples/meta.jsonl
     torchrun --nproc_per_node 2 ppo.py                     # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 ppo.py --strategy fsdp --policy_dir runs/7b/sft \\
         --rm_dir runs/7b/rm --prompts Anthropic/hh-rlhf --policy_lr 5e-7 --critic_lr 1.5e-6 \\
@@ -45,11 +45,11 @@ from runtime import arg
 
 @dataclasses.dataclass
 class Args:
-    policy_dir: str = arg("runs/default/sft", "policy and frozen reference: SFT or the previous round's policy")
+    policy_dir: str = arg("runs/default/seed1/sft", "policy and frozen reference: SFT or the previous round's policy")
     ref_dir: str = arg("", "the frozen KL reference pi_ref ('': --policy_dir); iterate.sh's KL_ANCHOR=sft passes the SFT model")
-    rm_dir: str = arg("runs/default/rm", "the frozen reward model (the critic starts from it too)")
+    rm_dir: str = arg("runs/default/seed1/rm", "the frozen reward model (the critic starts from it too)")
     prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "queries: {prompt} rows or HH-RLHF rows")
-    output_dir: str = arg("runs/default/ppo", "run folder (a save_pretrained policy when done)")
+    output_dir: str = arg("runs/default/seed1/ppo", "run folder (a save_pretrained policy when done)")
     steps: int = arg(20, "PPO steps (one roll-out batch each)", check="> 0")
     snapshot_every: int = arg(0, "also save the policy every this many steps in <output_dir>/step<N> (0: off)", check=">= 0")
     queries: int = arg(32, "queries per step, over all processes", check="> 0")
@@ -84,7 +84,7 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     sample_only: bool = arg(False, "only sample --k responses per prompt of --prompts into --out (meta data)")
     k: int = arg(5, "with --sample_only: responses per prompt (paper: 5)", check=">= 2")
-    out: str = arg("runs/default/round1/meta.jsonl", "with --sample_only: the meta-data file to write")
+    out: str = arg("runs/default/seed1/samples/meta.jsonl", "with --sample_only: the meta-data file to write")
     max_prompts: int = arg(0, "with --sample_only: use only the first N prompts (0: all)", check=">= 0")
 
 

@@ -8,7 +8,7 @@ folder and read at the last real (non-pad) token of prompt + response.
 
     python reward_model.py                                  # train on the embedded task (CPU)
     torchrun --nproc_per_node 2 reward_model.py             # the same with DDP (gloo on CPU)
-    python reward_model.py --measure runs/default/rm --samples runs/default/round1/meta.jsonl
+    python reward_model.py --measure runs/default/seed1/rm --samples runs/default/seed1/metarm/round1/meta.jsonl
     torchrun --nproc_per_node 8 reward_model.py --strategy fsdp --sft_dir runs/7b/sft \\
         --data Anthropic/hh-rlhf --eval_data Anthropic/hh-rlhf:test --lr 5e-6 \\
         --global_batch 16 --micro_batch 2 --max_len 512 --truncate true --skip_bad_rows true \\
@@ -36,10 +36,10 @@ from runtime import arg
 
 @dataclasses.dataclass
 class Args:
-    sft_dir: str = arg("runs/default/sft", "the SFT model the reward model starts from (folder or hub name)")
+    sft_dir: str = arg("runs/default/seed1/sft", "the SFT model the reward model starts from (folder or hub name)")
     data: str = arg("runs/default/task/data/pairs_train.jsonl", "preference pairs (HH-RLHF schema)")
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
-    output_dir: str = arg("runs/default/rm", "run folder (a save_pretrained reward model when done)")
+    output_dir: str = arg("runs/default/seed1/rm", "run folder (a save_pretrained reward model when done)")
     epochs: float = arg(1.0, "passes over the pairs (paper: 1)", check="> 0")
     lr: float = arg(5e-4, "peak learning rate, AdamW (paper: 5e-6 at 7B)", check="> 0")
     warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")

@@ -26,7 +26,7 @@ from runtime import arg
 class Args:
     model_name_or_path: str = arg("runs/default/task/base_model", "base model: a local folder or a hub name")
     data: str = arg("runs/default/task/data/sft.jsonl", "SFT rows: {prompt, response} or HH-RLHF rows")
-    output_dir: str = arg("runs/default/sft", "run folder (a save_pretrained model when done)")
+    output_dir: str = arg("runs/default/seed1/sft", "run folder (a save_pretrained model when done)")
     epochs: float = arg(4.0, "passes over the data (paper: 2)", check="> 0")
     lr: float = arg(5e-3, "peak learning rate, AdamW (paper: 2e-5; the tiny default trains from scratch)", check="> 0")
     warmup: float = arg(0.3, "linear warm-up, in epochs (paper: 0.3), then linear decay to zero", check=">= 0")

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import reward_model as rm  # noqa: E402
 import task  # noqa: E402
 
 
@@ -71,3 +73,50 @@ def micro_rm(micro, micro_sft):
                "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--output_dir", out,
                "--epochs", "2", "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000")
     return out
+
+
+# --- helpers shared by test modules ---------------------------------------------------------
+VOCAB = 50
+
+
+def tiny_reward_model(kind, seed=0):
+    """A float64 reward model with dropout off: GPT-2 (no internal float32 casts) or Llama."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=1, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = GPT2ForSequenceClassification(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+        hf = LlamaForSequenceClassification(cfg)
+    hf.score.weight.data.normal_(0, 0.3)  # rewards of order one, so J and L have real curvature
+    return rm.ScalarModel(hf).double()
+
+
+def batch(n_rows, seed, min_len=4, max_len=9):
+    """Right-padded random token rows (pad id 0) of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
+    ids = torch.zeros(n_rows, max_len, dtype=torch.long)
+    mask = torch.zeros(n_rows, max_len, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, VOCAB, (int(n),), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def clear_pairs(path, n, seed):
+    """Pairs of the embedded task that the gold judge orders clearly (gap > 1), labelled by it."""
+    import random
+    import task
+    rng, prompts, rows = random.Random(seed), task.all_prompts()[0], []
+    while len(rows) < n:
+        [(p, a, b)] = task.sample_pairs(rng, prompts, 1)
+        ga, gb = task.gold(p, a), task.gold(p, b)
+        if abs(ga - gb) > 1.0:
+            rows.append({"chosen": p + (a if ga > gb else b), "rejected": p + (b if ga > gb else a)})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)

@@ -7,38 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import metarm
 import reward_model as rm
-from conftest import ROOT  # noqa: F401
-
-VOCAB = 50
-
-
-def tiny_reward_model(kind, seed=0):
-    """A float64 reward model with dropout off: GPT-2 (no internal float32 casts) or Llama."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=1, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        hf = GPT2ForSequenceClassification(cfg)
-    else:
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
-        hf = LlamaForSequenceClassification(cfg)
-    hf.score.weight.data.normal_(0, 0.3)  # rewards of order one, so J and L have real curvature
-    return rm.ScalarModel(hf).double()
-
-
-def batch(n_rows, seed, min_len=4, max_len=9):
-    """Right-padded random token rows (pad id 0) of different lengths."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
-    ids = torch.zeros(n_rows, max_len, dtype=torch.long)
-    mask = torch.zeros(n_rows, max_len, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(1, VOCAB, (int(n),), generator=g)
-        mask[i, :n] = 1
-    return ids, mask
-
+from conftest import batch, tiny_reward_model
 
 def batches(k=3):
     return batch(2 * 3, seed=1), batch(2 * k, seed=2), k  # X_t: 3 pairs; X_s: 2 prompts x k
@@ -207,17 +176,17 @@ def test_short_run_raises_J_and_keeps_accuracy(micro, micro_sft, tmp_path):
     RM (eta = 0 is exactly vanilla training) on the same pairs: J on the meta data is higher and
     held-out accuracy within 2 points, averaged over three training seeds. (Algorithm 1's own
     theta, the default deploy, does *not* raise J here: 0.530 against 0.545 measured on these
-    seeds, the same direction as on the embedded task; README, "Does MetaRM help?".) Averaged over three
+    seeds, the same direction as on the embedded task; docs/results.md.) Averaged over three
     training seeds. The pairs are the gold judge's clear preferences (a micro model learns them
     in a few steps; see test_reward_model.py), the meta data four samples per prompt of the micro
     SFT model. One seed is not enough: seed to seed, the vanilla RM's own J moves by about 0.04
-    and its accuracy by about 2 points, as much as MetaRM's effect at this eta (README, "Does
+    and its accuracy by about 2 points, as much as MetaRM's effect at this eta (docs/results.md, "Does
     MetaRM help?"); at larger eta MetaRM raises J more and costs more accuracy."""
     import json
     import statistics
     import runtime
     from conftest import run_script
-    from test_reward_model import clear_pairs
+    from conftest import clear_pairs
     train, test = clear_pairs(tmp_path / "train.jsonl", 600, 1), clear_pairs(tmp_path / "test.jsonl", 1000, 2)
     meta = str(tmp_path / "meta.jsonl")
     run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",

@@ -12,7 +12,7 @@ import data
 import reward_model as rm
 import runtime
 from conftest import assert_cli_error, metrics
-from test_metarm import batch, tiny_reward_model
+from conftest import batch, clear_pairs, tiny_reward_model
 
 
 def test_loss_by_hand():
@@ -101,21 +101,6 @@ def test_label_ceiling_counts_gold_order(micro):
     pairs = data.load_pairs(os.path.join(micro["data"], "pairs_test.jsonl"))
     agree = [task.gold(p, w) > task.gold(p, l) for p, w, l, _ in pairs if task.gold(p, w) != task.gold(p, l)]
     assert rm.label_ceiling(pairs) == pytest.approx(sum(agree) / len(agree))
-
-
-def clear_pairs(path, n, seed):
-    """Pairs of the embedded task that the gold judge orders clearly (gap > 1), labelled by it."""
-    import random
-    import task
-    rng, prompts, rows = random.Random(seed), task.all_prompts()[0], []
-    while len(rows) < n:
-        [(p, a, b)] = task.sample_pairs(rng, prompts, 1)
-        ga, gb = task.gold(p, a), task.gold(p, b)
-        if abs(ga - gb) > 1.0:
-            rows.append({"chosen": p + (a if ga > gb else b), "rejected": p + (b if ga > gb else a)})
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 def test_short_training_beats_chance(micro_sft, tmp_path):
