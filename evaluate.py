@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import data
+import ppo
 import reward_model as rm
 import runtime
 from runtime import arg
@@ -196,11 +197,11 @@ def responses(policy_dir, prompts, args, cache, d):
     tok = runtime.load_tokenizer(policy_dir)
     model = runtime.load_causal_lm(policy_dir, tok).to(d.device).eval()
     enc = data.Encoder(tok, 10**9)
-    s = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    s = ppo.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     out = []
     for i in range(0, len(prompts), 64):
-        _, r = runtime.generate(model, tok, [enc.prompt(p) for p in prompts[i:i + 64]], s, d)
-        out += runtime.decode_responses(tok, r)
+        _, r = ppo.generate(model, tok, [enc.prompt(p) for p in prompts[i:i + 64]], s, d)
+        out += ppo.decode_responses(tok, r)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".tmp", "w") as f:
         f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, out))

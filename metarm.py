@@ -27,6 +27,7 @@ exact - taylor = O(eta^2), first_order - taylor = O(eta): `python metarm.py --ch
 """
 import dataclasses
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -235,6 +236,19 @@ def check_table(net, X_t, X_s, k, etas):
     return rows, slope([r[0] for r in rows], [r[1] for r in rows]), slope([r[0] for r in rows], [r[2] for r in rows])
 
 
+def toy_problem(vocab=50, k=3):
+    """A float64 GPT-2 reward model (2 layers, width 16; GPT-2 computes in the model's dtype
+    throughout) with rewards of order one, 4 pairs and 2 prompts x k responses of random tokens."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, num_labels=1,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2ForSequenceClassification(cfg)
+    hf.score.weight.data.normal_(0, 0.3)
+    rows = lambda n: data.pad([torch.randint(1, vocab, (int(torch.randint(4, 10, ())),)).tolist()
+                               for _ in range(n)], 0)
+    return rm.ScalarModel(hf).double(), rows(8), rows(2 * k), k
+
+
 def slope(x, y):
     """Least-squares slope of log y against log x."""
     lx, ly = [math.log(v) for v in x], [math.log(v) for v in y]
@@ -243,14 +257,20 @@ def slope(x, y):
 
 
 def check(args):
-    """The gradient-check table on a small float64 reward model and real task batches."""
+    """The gradient-check table in float64: on the SFT model and task batches when they exist
+    (after `bash iterate.sh`), else on a tiny random GPT-2 reward model and random token rows."""
     torch.manual_seed(args.seed)
     d = runtime.Dist()
-    tok = runtime.load_tokenizer(args.sft_dir)
-    net = rm.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)).double()
-    X_t, X_s, k = batches(tok, data.load_pairs(args.data)[:4], data.load_meta(args.meta_data)[:2], args, d)
-    # eta small enough for the leading term to dominate (the training default is far larger)
-    rows, s_exact, s_first = check_table(net, X_t, X_s, k, [0.04 / 2**i for i in range(6)])
+    if os.path.isdir(args.init_rm or args.sft_dir) and os.path.isfile(args.meta_data):
+        tok = runtime.load_tokenizer(args.sft_dir)
+        net = rm.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)).double()
+        X_t, X_s, k = batches(tok, data.load_pairs(args.data)[:4], data.load_meta(args.meta_data)[:2], args, d)
+        eta0 = 0.04  # small enough for the leading term to dominate (the training default is far larger)
+    else:
+        print(f"{args.sft_dir} or {args.meta_data} does not exist: a tiny random model and random token rows")
+        net, X_t, X_s, k = toy_problem()
+        eta0 = 1e-3  # its gradients are larger: the leading term dominates from a smaller eta
+    rows, s_exact, s_first = check_table(net, X_t, X_s, k, [eta0 / 2**i for i in range(6)])
     print(f"gradient check: float64, {sum(p.numel() for p in net.parameters())} parameters, "
           f"4 pairs, 2 prompts x {k} responses")
     print(f"{'eta':>10} {'|exact - taylor|':>18} {'|first_order - taylor|':>24}")
@@ -258,8 +278,8 @@ def check(args):
         print(f"{eta:10.4g} {a:18.3e} {b:24.3e}")
     print(f"{'slope':>10} {s_exact:18.2f} {s_first:24.2f}   (expected: 2 and 1)")
     v = [torch.randn_like(p) for p in net.parameters()]
-    exact = flat(meta_gradient(net, X_t, X_s, k, 0.04, "exact")[0])
-    fd = float(finite_difference(net, X_t, X_s, k, 0.04, v, 1e-5))
+    exact = flat(meta_gradient(net, X_t, X_s, k, eta0, "exact")[0])
+    fd = float(finite_difference(net, X_t, X_s, k, eta0, v, 1e-5))
     an = float(exact @ flat(v))
     print(f"exact . v = {an:.10g}; central finite difference of L(theta + eta grad J(theta)) "
           f"along v = {fd:.10g}; relative error {abs(an - fd) / abs(fd):.1e}")

@@ -89,6 +89,44 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
+# Step 1, the roll-out's sampling (also used by --sample_only and evaluate.py)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 40
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, s, d):
+    """Sample one response per prompt. prompt_ids: list of id lists (left-padded here, so every
+    response starts at the same column). Returns (query, response) tensors: response is padded
+    with PAD after its EOS, so PAD never hides a real EOS."""
+    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
+    query, qmask = query.to(d.device), qmask.to(d.device)
+    inner = runtime.unwrap(model)
+    out = inner.generate(input_ids=query, attention_mask=qmask, do_sample=True,
+                         temperature=s.temperature, top_p=s.top_p,
+                         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         # under FSDP every rank must run the same number of forward passes
+                         synced_gpus=d.world > 1 and d.strategy == "fsdp")
+    return query, out[:, query.shape[1]:]
+
+
+def decode_responses(tok, response):
+    """Response ids -> text, cut at the first EOS, without special tokens."""
+    texts = []
+    for row in response.tolist():
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
 # The pieces of the algorithm, each testable on its own
 # ---------------------------------------------------------------------------------------------
 def response_mask(response, eos_id):
@@ -211,10 +249,10 @@ class Timer(dict):
 @torch.no_grad()
 def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, timer):
     """Steps 1-4 for this process's queries: a dict of tensors (prompts: [(ids, text)])."""
-    sampling = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     policy.eval()
     with timer("generate"):
-        query, response = runtime.generate(policy, tok, [p for p, _ in prompts], sampling, d)
+        query, response = generate(policy, tok, [p for p, _ in prompts], sampling, d)
     qmask = (query != tok.pad_token_id).long()
     rmask = response_mask(response, tok.eos_token_id)
     ended = (response == tok.eos_token_id).any(1)
@@ -302,8 +340,8 @@ def sample_meta(policy, tok, prompts, k, sampling, d, batch=128):
     batches = list(runtime.shard_batches(len(prompts), max(1, batch // k), d))
     for idx, real in runtime.progress(batches, d, desc="sample"):
         ids = [enc.prompt(prompts[j]) for j in idx for _ in range(k)]
-        _, response = runtime.generate(policy, tok, ids, sampling, d)
-        texts = runtime.decode_responses(tok, response)
+        _, response = generate(policy, tok, ids, sampling, d)
+        texts = decode_responses(tok, response)
         if real:
             for n, j in enumerate(idx):
                 out[j] = texts[n * k:(n + 1) * k]
@@ -325,7 +363,7 @@ def sample_only(args, d):
     if args.max_prompts:
         prompts = prompts[:args.max_prompts]
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
-    sampling = runtime.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     t0 = time.time()
     rows = sample_meta(policy, tok, prompts, args.k, sampling, d)
     if d.main:
@@ -413,7 +451,7 @@ def train(args, d):
             **{f"time/{k}_s": v for k, v in timer.items()}, "time/step_s": time.perf_counter() - t0})
         if gold:
             import task
-            texts = runtime.decode_responses(tok, batch["response"])
+            texts = decode_responses(tok, batch["response"])
             metrics["objective/gold"] = mean(torch.tensor([task.gold(p, t) for (_, p), t in zip(mine, texts)]))
         kl_ctl.update(metrics["objective/kl"], args.queries * args.rollouts_per_query)
         run.log(step + 1, metrics)

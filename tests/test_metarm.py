@@ -228,3 +228,13 @@ def test_eta_zero_is_the_vanilla_reward_model_bit_for_bit(micro, micro_sft, tmp_
     a, b = load_file(str(tmp_path / "vanilla" / "model.safetensors")), load_file(str(tmp_path / "eta0" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["score.weight"], torch.zeros_like(a["score.weight"]))
+
+
+def test_check_runs_without_any_folder(tmp_path, capsys):
+    """`python metarm.py --check` on a fresh clone: a tiny random float64 model, the same table."""
+    import re
+    metarm.main(["--check", "--sft_dir", str(tmp_path / "none"), "--meta_data", str(tmp_path / "none.jsonl")])
+    out = capsys.readouterr().out
+    s_exact, s_first = map(float, re.search(r"slope\s+(\S+)\s+(\S+)", out).groups())
+    assert s_exact == pytest.approx(2.0, abs=0.15) and s_first == pytest.approx(1.0, abs=0.15), out
+    assert float(re.search(r"relative error (\S+)", out).group(1)) < 1e-4, out
