@@ -83,23 +83,16 @@ def difference_loss(r):
     return (2 / k**2 * torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1)).mean()
 
 
-def reward(model, batch, params=None):
-    """r at the last real token; with `params`, r_{params} through torch.func.functional_call."""
-    ids, mask = batch
-    scores = model(ids, mask) if params is None else torch.func.functional_call(model, params, (ids, mask))
-    return scores.gather(1, rm.last_index(mask)[:, None]).squeeze(1)
-
-
 def L(model, X_t, params=None):
     """Eq. 1 on a batch of pairs."""
-    r = reward(model, X_t, params)
+    r = rm.rewards(model, *X_t, params)
     n = len(r) // 2
     return rm.pair_loss(r[:n], r[n:]).mean()
 
 
 def J(model, X_s, k, params=None):
     """Eq. 2 on a meta batch of m prompts x k responses."""
-    return difference_loss(reward(model, X_s, params).view(-1, k))
+    return difference_loss(rm.rewards(model, *X_s, params).view(-1, k))
 
 
 def all_mean(tensors):

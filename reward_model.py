@@ -93,9 +93,10 @@ def last_index(mask):
     return T - 1 - mask.flip(-1).long().argmax(-1)
 
 
-def rewards(model, ids, mask):
-    """r_theta(x, y) for each row: the score at the last real token."""
-    scores = model(ids, mask)
+def rewards(model, ids, mask, params=None):
+    """r_theta(x, y) for each row: the score at the last real token. With `params` (name -> tensor),
+    r at those parameters instead, through torch.func.functional_call (MetaRM's theta')."""
+    scores = model(ids, mask) if params is None else torch.func.functional_call(model, params, (ids, mask))
     return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
