@@ -285,26 +285,32 @@ def batches(tok, pairs, meta, args, d):
     """Encode pairs and meta rows into X_t, X_s (right padded) on the device."""
     examples, _ = rm.encode_pairs(tok, pairs, args.max_len, args.truncate)
     X_t = rm.pair_batch(examples, tok.pad_token_id, d.device)
-    X_s, k = meta_batch(tok, meta, args.max_len, d.device)
+    X_s, k = meta_batch(encode_meta(tok, meta, args.max_len)[0], tok.pad_token_id, d.device)
     return X_t, X_s, k
 
 
-def meta_batch(tok, meta, max_len, device):
-    enc = data.Encoder(tok, max_len, truncate=True)  # policy samples: long ones are cut, not fatal
-    seqs = [sum(enc(p, s), []) for p, rs, _ in meta for s in rs]
-    ids, mask = data.pad(seqs, tok.pad_token_id)
-    return (ids.to(device), mask.to(device)), len(meta[0][1])
+def encode_meta(tok, meta, max_len):
+    """Meta rows -> [[k token-id lists]] (prompt + response each), and the Encoder: policy samples
+    longer than max_len are cut, not fatal, and the cuts are counted."""
+    enc = data.Encoder(tok, max_len, truncate=True)
+    return [[sum(enc(p, s, where), []) for s in rs] for p, rs, where in meta], enc
 
 
-def adapt(model, tok, meta, args, d):
+def meta_batch(samples, pad_id, device):
+    """Encoded meta rows -> X_s (right padded), the k responses of each prompt together, and k."""
+    ids, mask = data.pad([seq for row in samples for seq in row], pad_id)
+    return (ids.to(device), mask.to(device)), len(samples[0])
+
+
+def adapt(model, samples, pad_id, args, d):
     """theta <- theta + eta grad J(theta; S), in place, with grad J averaged over all of S: the
     meta-process once more, on the whole meta data, so that the saved RM is the adapted one.
     Every process takes its share of each global meta batch, as in training."""
     theta = trainable(model)
-    n_batches = math.ceil(len(meta) / args.meta_batch)
+    n_batches = math.ceil(len(samples) / args.meta_batch)
     for b in range(n_batches):
-        rows = [meta[i] for i in runtime.batch_indices(len(meta), args.meta_batch, b, args.seed + 2, d)]
-        X_s, k = meta_batch(tok, rows, args.max_len, d.device)
+        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, b, args.seed + 2, d)]
+        X_s, k = meta_batch(rows, pad_id, d.device)
         with runtime.autocast(d):
             (J(model, X_s, k) / n_batches).backward()
     add_(theta, taken_grads(theta), args.eta)
@@ -337,11 +343,8 @@ def train(args):
     if eval_pairs:
         rm.encode_pairs(tok, eval_pairs, args.max_len, args.truncate)[1].report(args.eval_data)
     meta = data.load_meta(args.meta_data, args.skip_bad_rows)
-    cut = data.Encoder(tok, args.max_len, truncate=True)  # policy samples: long ones are cut, counted
-    for p, rs, where in meta:
-        for s in rs:
-            cut(p, s, where)
-    cut.report(args.meta_data)
+    samples, enc = encode_meta(tok, meta, args.max_len)
+    enc.report(args.meta_data)
     if args.meta_batch % d.world:
         raise runtime.UserError(f"--meta_batch {args.meta_batch} must be divisible by the number "
                                 f"of processes {d.world}")
@@ -380,8 +383,8 @@ def train(args):
         # 2.-3. sample X_t from D and X_s from S (this process's share of each)
         mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
         X_t = rm.pair_batch(mine, tok.pad_token_id, d.device)
-        rows = [meta[i] for i in runtime.batch_indices(len(meta), args.meta_batch, step, args.seed + 1, d)]
-        X_s, k = meta_batch(tok, rows, args.max_len, d.device)
+        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, step, args.seed + 1, d)]
+        X_s, k = meta_batch(rows, tok.pad_token_id, d.device)
 
         # 4.-6. the meta-step; 7. the outer update with the optimizer (learning rate alpha)
         with runtime.autocast(d):
@@ -409,7 +412,7 @@ def train(args):
     summary = {"stage": "metarm", "meta_grad": args.meta_grad, "deploy": args.deploy, "steps": total}
     if args.deploy == "adapted":  # theta's own figures first, for comparison
         summary.update({f"theta/{k}": v for k, v in evaluate(total, full=True).items()})
-        adapt(model, tok, meta, args, d)
+        adapt(model, samples, tok.pad_token_id, args, d)
     summary.update(evaluate(total, full=True))
     model.eval()
     stats = rm.reward_stats(model, examples, tok.pad_token_id, d)

@@ -299,16 +299,16 @@ def ppo_update(policy, critic, popt, copt, batch, args, d, stop_unless_finite=No
                 ((pg + args.vf_coef * vf) * d.world / tokens).backward()
             norms = {"ppo/policy/grad_norm": runtime.clip_grad_norm(policy, args.max_grad_norm),
                      "ppo/val/grad_norm": runtime.clip_grad_norm(critic, args.max_grad_norm)}
+            mine = {key: runtime.all_sum(float(val.detach())) for key, val in (  # this mini-batch, all processes
+                ("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("kl", akl), ("ent", (entropy * b["rmask"]).sum()))}
             if stop_unless_finite:
-                stop_unless_finite(**norms, **{"ppo/policy/loss": runtime.all_sum(float(pg.detach())) / tokens,
-                                              "ppo/val/loss": runtime.all_sum(float(vf.detach())) / tokens})
+                stop_unless_finite(**norms, **{"ppo/policy/loss": mine["pg"] / tokens, "ppo/val/loss": mine["vf"] / tokens})
             popt.step()
             copt.step()
             popt.zero_grad(set_to_none=True)
             copt.zero_grad(set_to_none=True)
-            for key, val in (("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("kl", akl),
-                             ("ent", (entropy * b["rmask"]).sum())):
-                sums[key] += runtime.all_sum(float(val.detach()))
+            for key, val in mine.items():
+                sums[key] += val
             sums["tokens"] += tokens
     t = sums["tokens"]
     return {"ppo/policy/loss": sums["pg"] / t, "ppo/val/loss": sums["vf"] / t,

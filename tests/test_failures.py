@@ -221,20 +221,15 @@ def write_lines(path, lines):
 GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
 
 
-def test_bytes_that_are_not_utf8(tmp_path, capsys):
-    path = write_lines(tmp_path / "p.jsonl", [GOOD, b'{"chosen": "\xff\xfe"}', GOOD])
-    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: not UTF-8 text \(byte 0xff at column 13\)"):
+@pytest.mark.parametrize("line,error,reason", [
+    (b'{"chosen": "\xff\xfe"}', r"not UTF-8 text \(byte 0xff at column 13\)", "not UTF-8 text"),
+    (b'{"chosen": ', r"not valid JSON", "not valid JSON")])
+def test_undecodable_row_is_named_and_skippable(tmp_path, capsys, line, error, reason):
+    path = write_lines(tmp_path / "p.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(data.DataError, match=rf"p.jsonl, row 2: {error}"):
         data.load_pairs(path)
     assert len(data.load_pairs(path, skip_bad=True)) == 2
-    assert "skipped 1 rows (1 x not UTF-8 text)" in capsys.readouterr().out
-
-
-def test_invalid_json_is_skippable(tmp_path, capsys):
-    path = write_lines(tmp_path / "p.jsonl", [GOOD, b'{"chosen": ', GOOD])
-    with pytest.raises(data.DataError, match=r"p.jsonl, row 2: not valid JSON"):
-        data.load_pairs(path)
-    assert len(data.load_pairs(path, skip_bad=True)) == 2
-    assert "1 x not valid JSON" in capsys.readouterr().out
+    assert f"skipped 1 rows (1 x {reason})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("row,message", [
