@@ -19,7 +19,8 @@ import time
 import torch
 
 import metarm
-import reward_model as rm
+import runtime
+
 
 SIZES = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
          "larger": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8)}
@@ -30,7 +31,7 @@ def model_of(size, vocab=1024):
     cfg = LlamaConfig(vocab_size=vocab, num_key_value_heads=SIZES[size]["num_attention_heads"], num_labels=1,
                       pad_token_id=0, max_position_embeddings=256, **SIZES[size])
     torch.manual_seed(0)
-    return rm.ScalarModel(LlamaForSequenceClassification(cfg))
+    return runtime.ScalarModel(LlamaForSequenceClassification(cfg))
 
 
 def random_batch(rows, seed, vocab=1024, lengths=(20, 40)):

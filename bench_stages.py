@@ -59,20 +59,21 @@ def main():
         "sft": ["sft.py", "--model_name_or_path", base, "--data", f"{data}/sft.jsonl", "--output_dir", f"{out}/sft", *steps],
         "rm": ["reward_model.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
                "--eval_data", "", "--output_dir", f"{out}/rm", *steps],
-        "sample": ["ppo.py", "--sample_only", "--policy_dir", f"{out}/sft", "--prompts", f"{data}/prompts_train.jsonl",
-                   "--max_prompts", "64", "--out", f"{out}/meta.jsonl"],
+        "sample": ["sample.py", "--policy_dir", f"{out}/sft", "--prompts", f"{data}/prompts_train.jsonl",
+                   "--max_prompts", "64", "--output_dir", f"{out}/samples"],
         "metarm_first_order": ["metarm.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
-                               "--eval_data", "", "--meta_data", f"{out}/meta.jsonl", "--output_dir",
+                               "--eval_data", "", "--meta_data", f"{out}/samples/meta.jsonl", "--output_dir",
                                f"{out}/metarm_first_order", "--eval_every", "100000", *steps],
         "metarm_exact": ["metarm.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl", "--eval_data", "",
-                         "--meta_data", f"{out}/meta.jsonl", "--output_dir", f"{out}/metarm_exact",
+                         "--meta_data", f"{out}/samples/meta.jsonl", "--output_dir", f"{out}/metarm_exact",
                          "--meta_grad", "exact", "--eval_every", "100000", *steps],
         "ppo": ["ppo.py", "--policy_dir", f"{out}/sft", "--rm_dir", f"{out}/rm", "--prompts", f"{data}/prompts_train.jsonl",
                 "--output_dir", f"{out}/ppo", "--steps", str(args.steps)],
     }
     wanted = {"sft", "rm"} | set(only) | ({"sample"} if any(o.startswith("metarm") for o in only) else set())
     order = [k for k in jobs if k in wanted]  # sft and rm always: the later stages start from them
-    keys = {"sft": "train/loss", "rm": "train/loss", "metarm_first_order": "train/L", "metarm_exact": "train/L",
+    keys = {"sft": "train/loss", "rm": "train/L", "metarm_first_order": "train/L_at_theta_prime",
+            "metarm_exact": "train/L_at_theta_prime",
             "ppo": "ppo/policy/loss"}
     print(f"model: hidden {args.hidden}, {args.layers} layers; {args.steps} steps per stage\n")
     print("| stage | steps | median step (s) | peak memory (GiB) | held between steps (GiB) |")

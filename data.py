@@ -350,3 +350,45 @@ def pad(seqs, pad_id, side="right"):
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: X_t (preference pairs) and X_s (k responses per prompt), as the reward models read them
+# ---------------------------------------------------------------------------------------------
+def encode_pairs(tok, pairs, max_len, truncate, path=""):
+    """Pairs -> [(chosen_ids, rejected_ids)] (prompt + response each); cuts are reported under `path`."""
+    enc = Encoder(tok, max_len, truncate)
+    out = [(sum(enc(p, w, where), []), sum(enc(p, l, where), [])) for p, w, l, where in pairs]
+    enc.report(path)
+    return out
+
+
+def pair_batch(examples, pad_id, device):
+    """[(chosen_ids, rejected_ids)] -> X_t, one right-padded batch: n chosen rows, then n rejected rows."""
+    ids, mask = pad([c for c, _ in examples] + [r for _, r in examples], pad_id)
+    return ids.to(device), mask.to(device)
+
+
+def encode_meta(tok, meta, max_len, path=""):
+    """Meta rows -> [[k token-id lists]] (prompt + response each). Policy samples longer than
+    max_len are cut, not fatal; the cuts are reported under `path`."""
+    enc = Encoder(tok, max_len, truncate=True)
+    out = [[sum(enc(p, s, where), []) for s in rs] for p, rs, where in meta]
+    enc.report(path)
+    return out
+
+
+def meta_batch(samples, pad_id, device):
+    """Encoded meta rows -> (X_s, k): m*k right-padded rows, the k responses of each prompt together."""
+    ids, mask = pad([seq for row in samples for seq in row], pad_id)
+    return (ids.to(device), mask.to(device)), len(samples[0])
+
+
+def decode_responses(tok, response):
+    """Response ids -> text, cut at the first EOS, without special tokens."""
+    texts = []
+    for row in response.tolist():
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts

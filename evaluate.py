@@ -23,6 +23,7 @@ matplotlib installed it also draws figure1/4/5.png and gold_per_round.png.
 
     python evaluate.py --run_dir runs/default/seed1 --rounds 3 --arms "metarm vanilla"
     python evaluate.py --aggregate runs/default --seeds "1 2 3" --rounds 3 --arms "metarm vanilla"
+    python evaluate.py --measure runs/default/seed1/rm --samples runs/default/seed1/sft_samples/meta.jsonl
 """
 import collections
 import dataclasses
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 
 import data
-import ppo
-import reward_model as rm
+import measure
+import metarm
 import runtime
+import sample
 from runtime import arg
 
 
@@ -60,6 +62,8 @@ class Args:
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
     n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals")
     out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
+    measure: str = arg("", "only measure this saved reward model: accuracy on --pairs, and on --samples J, |dr| and gold agreement")
+    samples: str = arg("", "with --measure: k samples per prompt (a meta.jsonl, e.g. sample.py's)")
 
 
 # The fields of results.json (docs/results.md's table lists the same; tests/test_iterate.py checks it).
@@ -197,11 +201,9 @@ def responses(policy_dir, prompts, args, cache, d):
     tok = runtime.load_tokenizer(policy_dir)
     model = runtime.load_causal_lm(policy_dir, tok).to(d.device).eval()
     enc = data.Encoder(tok, 10**9)
-    s = ppo.Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     out = []
     for i in range(0, len(prompts), 64):
-        _, r = ppo.generate(model, tok, [enc.prompt(p) for p in prompts[i:i + 64]], s, d)
-        out += ppo.decode_responses(tok, r)
+        out += data.decode_responses(tok, sample.generate(model, tok, [enc.prompt(p) for p in prompts[i:i + 64]], args, d))
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".tmp", "w") as f:
         f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, out))
@@ -216,24 +218,33 @@ class Judge:
         self.name, self.d = name, d
         if name != "gold":
             self.tok = runtime.load_tokenizer(name)
-            self.model = rm.load_reward_model(name, self.tok).to(d.device).eval()
+            self.model = runtime.load_reward_model(name, self.tok).to(d.device).eval()
 
     def __call__(self, prompts, texts):
         if self.name == "gold":
-            import task
-            return [task.gold(p, t) for p, t in zip(prompts, texts)]
+            return measure.gold_scores(prompts, texts)
         enc = data.Encoder(self.tok, 10**9)
         seqs = [sum(enc(p, t), []) for p, t in zip(prompts, texts)]
-        return rm.score_sequences(self.model, seqs, self.tok.pad_token_id, self.d).tolist()
+        return measure.score_sequences(self.model, seqs, self.tok.pad_token_id, self.d).tolist()
 
 
 def rm_on_samples(rm_dir, meta_file, pairs, d):
-    """A reward model on a round's meta data (samples of the policy it will steer) and on the
-    held-out pairs: J, |dr| statistics, gold agreement, accuracy."""
+    """A reward model on the held-out pairs (accuracy, margin) and on a meta-data file (samples of
+    a policy, e.g. the one it will steer): J (Eq. 2), |dr| statistics, gold agreement."""
     tok = runtime.load_tokenizer(rm_dir)
-    model = rm.load_reward_model(rm_dir, tok).to(d.device).eval()
-    meta = data.load_meta(meta_file)
-    return rm.measure(model, tok, d, pairs=pairs, meta=meta, gold=rm.gold_applies([p for p, _, _ in meta]))
+    model = runtime.load_reward_model(rm_dir, tok).to(d.device).eval()
+    out = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, 128, False), tok.pad_token_id, d)
+    if meta_file:
+        meta = data.load_meta(meta_file)
+        r = measure.score_samples(model, data.encode_meta(tok, meta, 256), tok.pad_token_id, d)
+        out["shift/J"] = float(metarm.difference_loss(r))
+        out.update(measure.shift(r, meta if measure.gold_applies([p for p, _, _ in meta]) else None))
+    return out
+
+
+def meta_file(run, arm, k):
+    """Round k's meta data: the SFT samples in round 1 (shared by every arm), then pi_{k-1}'s."""
+    return f"{run}/sft_samples/meta.jsonl" if k == 1 else f"{run}/{arm}/round{k}/samples/meta.jsonl"
 
 
 def curve(run_dir, key):
@@ -437,7 +448,7 @@ def arm_settings(run, arm):
 def evaluate(args, d):
     R, run, arms = args.rounds, args.run_dir, args.arms.split()
     prompts = [p for p, _ in data.load_prompts(args.prompts)][:args.n_prompts]
-    if args.judge == "gold" and not rm.gold_applies(prompts):
+    if args.judge == "gold" and not measure.gold_applies(prompts):
         raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
                                 "prompts: pass --judge <a reward-model folder> (iterate.sh: JUDGE=...)")
     policies, steps = policy_dirs(run, arms, R)
@@ -462,7 +473,7 @@ def evaluate(args, d):
     for a in round_arms:
         res["rounds"][a] = []
         for k in range(1, R + 1):
-            meta = f"{run}/{a}/round{k}/meta.jsonl"
+            meta = meta_file(run, a, k)
             vanilla = rm_on_samples(f"{run}/rm", meta, pairs, d)
             mine = vanilla if base(a) == "vanilla" else rm_on_samples(rm_dir(run, a, k), meta, pairs, d)
             res["rounds"][a].append({"round": k, "rm": mine, "vanilla": vanilla,
@@ -665,6 +676,13 @@ def save(res, out_dir):
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
     d = runtime.init_distributed()
+    if args.measure:
+        pairs = data.load_pairs(args.pairs) if args.pairs else []
+        out = rm_on_samples(args.measure, args.samples, pairs, d)
+        if pairs and measure.gold_applies([p for p, _, _, _ in pairs]):
+            out["eval/label_ceiling"] = measure.label_ceiling(pairs)
+        d.print(json.dumps(out, indent=2))
+        return
     if args.aggregate:
         seeds = args.seeds.split()
         results = []

@@ -178,27 +178,25 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
   ANCHOR=$(arm_mod "$A" anchor "$KL_ANCHOR")
   POLICY="$R/sft"
   for K in $(seq 1 "$ROUNDS"); do
-    local D="$R/$A/round$K"
-    if [ "$K" = 1 ]; then  # pi_0 = SFT for every arm: the same samples, copied
-      stage "seed $SEED $A round 1: meta data (the SFT samples)" "$D/meta.jsonl" "$D/meta.jsonl" \
-        bash -c "mkdir -p '$D' && cp '$R/sft_samples/meta.jsonl' '$D/meta.jsonl'"
-    else
-      stage "seed $SEED $A round $K: sample from $(basename "$(dirname "$POLICY")")" "$D/meta.jsonl" "$D/meta.jsonl" \
-        launch ppo.py $COMMON --sample_only --policy_dir "$POLICY" --prompts "$PROMPTS" --out "$D/meta.jsonl" \
+    local D="$R/$A/round$K" META="$R/sft_samples/meta.jsonl"  # pi_0 = SFT for every arm: the same samples
+    if [ "$K" -gt 1 ]; then
+      META="$D/samples/meta.jsonl"
+      stage "seed $SEED $A round $K: sample from $(basename "$(dirname "$POLICY")")" "$D/samples" "$D/samples/DONE" \
+        launch sample.py $COMMON --policy_dir "$POLICY" --prompts "$PROMPTS" --output_dir "$D/samples" \
           --max_prompts "$META_N" --seed "$((SEED * 100 + K))" ${SAMPLE_ARGS:-}
     fi
     case "$B" in
       metarm)
         RM="$D/rm"
         stage "seed $SEED $A round $K: MetaRM ($META_GRAD)" "$D/rm" "$D/rm/DONE" \
-          launch metarm.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --meta_data "$D/meta.jsonl" \
+          launch metarm.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --meta_data "$META" \
             --meta_grad "$META_GRAD" --output_dir "$D/rm" --seed "$SEED" ${METARM_ARGS:-} $(metarm_flags "$A");;
       vanilla)
         RM="$R/rm";;
       oracle)
         RM="$D/rm"
         stage "seed $SEED $A round $K: $ORACLE_PAIRS new labels on the samples" "$D/pairs.jsonl" "$D/pairs.jsonl" \
-          bash -c "python task.py --label '$D/meta.jsonl' --out '$D/new_pairs.jsonl' --pairs '$ORACLE_PAIRS' --seed '$((SEED * 100 + K))' \
+          bash -c "mkdir -p '$D' && python task.py --label '$META' --out '$D/new_pairs.jsonl' --pairs '$ORACLE_PAIRS' --seed '$((SEED * 100 + K))' \
                    && cat '$PAIRS' '$D/new_pairs.jsonl' > '$D/pairs.jsonl.tmp' && mv '$D/pairs.jsonl.tmp' '$D/pairs.jsonl'"
         stage "seed $SEED $A round $K: reward model on the original + new pairs" "$D/rm" "$D/rm/DONE" \
           launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$D/pairs.jsonl" --eval_data "$EVAL_PAIRS" \
@@ -237,8 +235,8 @@ run_seed() {  # every stage of one seed, then its evaluation
     launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
       --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
   DIRTY=$SFT_DIRTY
-  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/meta.jsonl" \
-    launch ppo.py $COMMON --sample_only --policy_dir "$R/sft" --prompts "$PROMPTS" --out "$R/sft_samples/meta.jsonl" \
+  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
+    launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
       --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
   SAMPLE_DIRTY=$DIRTY
   for A in $ARMS; do

@@ -1,6 +1,5 @@
 """ppo.py: RLHF with PPO (Ouyang et al. 2022; Schulman et al. 2017), the stage where the policy's
-output distribution shifts away from what the reward model was trained on. Also the sampling
-step of MetaRM: `--sample_only` writes k policy samples per prompt, the meta data S.
+output distribution shifts away from what the reward model was trained on.
 
 Four models: the policy pi (trained) and the frozen reference pi_ref, both loaded from
 --policy_dir (SFT, or the previous round's policy) unless --ref_dir names another reference
@@ -17,8 +16,6 @@ critic V, initialised from the reward model and read at every response token. On
   6. adapt beta (optional adaptive KL controller)
 
     python ppo.py                                          # embedded task, vanilla RM
-    python ppo.py --sample_only --policy_dir runs/default/seed1/sft \\
-        --prompts runs/default/task/data/prompts_train.jsonl --k 5 --out runs/default/seed1/samples/meta.jsonl
     torchrun --nproc_per_node 2 ppo.py                     # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 ppo.py --strategy fsdp --policy_dir runs/7b/sft \\
         --rm_dir runs/7b/rm --prompts Anthropic/hh-rlhf --policy_lr 5e-7 --critic_lr 1.5e-6 \\
@@ -29,7 +26,6 @@ critic V, initialised from the reward model and read at every response token. On
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -38,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import reward_model as rm
+import measure
 import runtime
 from runtime import arg
 
@@ -82,48 +78,24 @@ class Args:
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    sample_only: bool = arg(False, "only sample --k responses per prompt of --prompts into --out (meta data)")
-    k: int = arg(5, "with --sample_only: responses per prompt (paper: 5)", check=">= 2")
-    out: str = arg("runs/default/seed1/samples/meta.jsonl", "with --sample_only: the meta-data file to write")
-    max_prompts: int = arg(0, "with --sample_only: use only the first N prompts (0: all)", check=">= 0")
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 1, the roll-out's sampling (also used by --sample_only and evaluate.py)
+# Step 1: sampling the roll-outs
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Sampling:
-    temperature: float = 0.8
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 40
-
-
 @torch.no_grad()
-def generate(model, tok, prompt_ids, s, d):
-    """Sample one response per prompt. prompt_ids: list of id lists (left-padded here, so every
-    response starts at the same column). Returns (query, response) tensors: response is padded
+def generate(policy, tok, prompt_ids, args, d):
+    """Sample one response per query. prompt_ids: list of id lists, left-padded here so that every
+    response starts at the same column. Returns (query, response) tensors; the response is padded
     with PAD after its EOS, so PAD never hides a real EOS."""
     query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
     query, qmask = query.to(d.device), qmask.to(d.device)
-    inner = runtime.unwrap(model)
-    out = inner.generate(input_ids=query, attention_mask=qmask, do_sample=True,
-                         temperature=s.temperature, top_p=s.top_p,
-                         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         # under FSDP every rank must run the same number of forward passes
-                         synced_gpus=d.world > 1 and d.strategy == "fsdp")
+    out = runtime.unwrap(policy).generate(
+        input_ids=query, attention_mask=qmask, do_sample=True, temperature=args.temperature,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
     return query, out[:, query.shape[1]:]
-
-
-def decode_responses(tok, response):
-    """Response ids -> text, cut at the first EOS, without special tokens."""
-    texts = []
-    for row in response.tolist():
-        if tok.eos_token_id in row:
-            row = row[:row.index(tok.eos_token_id)]
-        texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +112,7 @@ def logprobs_and_entropy(policy, query, qmask, response, rmask, temperature):
     """log pi(response token) for each response position, with logits / temperature as when
     sampling, and the entropy of that distribution."""
     ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=rm.positions(mask)).logits
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=runtime.positions(mask)).logits
     logits = logits[:, query.shape[1] - 1:-1].float() / temperature
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(2, response[:, :, None]).squeeze(2)
@@ -249,10 +221,9 @@ class Timer(dict):
 @torch.no_grad()
 def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, timer):
     """Steps 1-4 for this process's queries: a dict of tensors (prompts: [(ids, text)])."""
-    sampling = Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     policy.eval()
     with timer("generate"):
-        query, response = generate(policy, tok, [p for p, _ in prompts], sampling, d)
+        query, response = generate(policy, tok, [p for p, _ in prompts], args, d)
     qmask = (query != tok.pad_token_id).long()
     rmask = response_mask(response, tok.eos_token_id)
     ended = (response == tok.eos_token_id).any(1)
@@ -265,7 +236,7 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
             values = values_of(critic, query, qmask, response, rmask).float()
         with timer("reward_forward"):
             ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-            score = rm.rewards(reward, ids, mask).float()
+            score = runtime.rewards(reward, ids, mask).float()
     shaped = shape_score(score, ended, stats, args.reward_clip, args.missing_eos_penalty)
     rewards, kl = token_rewards(shaped, logp, ref_logp, rmask, kl_coef)
     adv, returns = gae(rewards, values, rmask, args.gamma, args.lam)
@@ -325,56 +296,8 @@ def same_prompt_stats(score, k):
     """Reward differences between the k roll-outs of each query (the paper's Figure 1)."""
     if k < 2:
         return {}
-    s = rm.difference_stats(score.view(-1, k))
+    s = measure.difference_stats(score.view(-1, k))
     return {"shift/dr_var": s["var"], "shift/dr_mean_abs": s["mean_abs"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling the meta data (--sample_only)
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_meta(policy, tok, prompts, k, sampling, d, batch=128):
-    """k responses for every prompt; each process samples a share, every process gets all."""
-    enc = data.Encoder(tok, 10**9)
-    out = {}
-    batches = list(runtime.shard_batches(len(prompts), max(1, batch // k), d))
-    for idx, real in runtime.progress(batches, d, desc="sample"):
-        ids = [enc.prompt(prompts[j]) for j in idx for _ in range(k)]
-        _, response = generate(policy, tok, ids, sampling, d)
-        texts = decode_responses(tok, response)
-        if real:
-            for n, j in enumerate(idx):
-                out[j] = texts[n * k:(n + 1) * k]
-    if d.world > 1:
-        import torch.distributed as dist
-        parts = [None] * d.world
-        dist.all_gather_object(parts, out)
-        out = {j: v for part in parts for j, v in part.items()}
-    return [{"prompt": prompts[j], "responses": out[j]} for j in range(len(prompts))]
-
-
-def sample_only(args, d):
-    if os.path.exists(args.out):
-        d.print(f"{args.out} exists: skipping")
-        return
-    runtime.set_seed(args.seed + d.rank)
-    tok = runtime.load_tokenizer(args.policy_dir)
-    prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
-    if args.max_prompts:
-        prompts = prompts[:args.max_prompts]
-    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
-    sampling = Sampling(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
-    t0 = time.time()
-    rows = sample_meta(policy, tok, prompts, args.k, sampling, d)
-    if d.main:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        data_rows = [json.dumps(r) + "\n" for r in rows]
-        with open(args.out + ".tmp", "w") as f:
-            f.writelines(data_rows)
-        os.replace(args.out + ".tmp", args.out)
-        print(json.dumps({"stage": "sample", "prompts": len(rows), "k": args.k, "out": args.out,
-                          "wall_time_s": round(time.time() - t0, 1)}), flush=True)
-    runtime.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,16 +331,16 @@ def train(args, d):
     if cut:
         d.print(f"{args.prompts}: {cut} prompts truncated (cut from the left, --max_prompt_len {args.max_prompt_len})")
     prompts = [(ids[-args.max_prompt_len:], p) for ids, p in prompts]
-    gold = rm.embedded(args.prompts)
+    gold = measure.gold_applies([p for _, p in prompts])
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     ref = runtime.wrap(runtime.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
     for other in filter(None, (args.ref_dir, args.rm_dir)):
         runtime.same_tokenizer(tok, args.policy_dir, runtime.load_tokenizer(other), other)
-    reward = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
+    reward = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
     stats = load_reward_stats(args.rm_dir)
-    critic = runtime.wrap(rm.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
+    critic = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)
     copt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
@@ -450,9 +373,8 @@ def train(args, d):
             **same_prompt_stats(batch["score"], args.rollouts_per_query),
             **{f"time/{k}_s": v for k, v in timer.items()}, "time/step_s": time.perf_counter() - t0})
         if gold:
-            import task
-            texts = decode_responses(tok, batch["response"])
-            metrics["objective/gold"] = mean(torch.tensor([task.gold(p, t) for (_, p), t in zip(mine, texts)]))
+            texts = data.decode_responses(tok, batch["response"])
+            metrics["objective/gold"] = mean(torch.tensor(measure.gold_scores([p for _, p in mine], texts)))
         kl_ctl.update(metrics["objective/kl"], args.queries * args.rollouts_per_query)
         run.log(step + 1, metrics)
         if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
@@ -470,8 +392,7 @@ def train(args, d):
 
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed(args.strategy, args.precision)
-    sample_only(args, d) if args.sample_only else train(args, d)
+    train(args, runtime.init_distributed(args.strategy, args.precision))
 
 
 if __name__ == "__main__":

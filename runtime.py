@@ -100,7 +100,9 @@ def _bool(s):
 
 
 def parse_args(cls, doc, argv=None):
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a shortened or mistyped flag is an error, never silently another flag
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     for f in dataclasses.fields(cls):
         extra = dict(type=_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
         ap.add_argument(f"--{f.name}", default=f.default, choices=f.metadata["choices"],
@@ -286,6 +288,55 @@ def clip_grad_norm(model, max_norm):
     return float(norm)
 
 
+def trainable(model):
+    """The trainable parameters. Under FSDP2 these are the sharded parameters; a module left
+    unsharded by a forward pass (the root keeps its weights gathered) is resharded first, so
+    that what is changed in place is each process's shard."""
+    return [p for p in reshard(model).parameters() if p.requires_grad]
+
+
+def local(t):
+    """The tensor this process holds: its shard of an FSDP2 DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def copy_(params, tensors):
+    """params <- tensors, in place, each process on its own shard under FSDP2."""
+    for p, t in zip(params, tensors):
+        if local(p).numel():  # an empty FSDP2 shard has nothing to copy
+            local(p).copy_(local(t))
+
+
+def taken_grads(params, keep_none=False):
+    """The parameters' .grad, cleared from them. An FSDP2 shard that holds no rows of a small
+    tensor (a one-row score head split over two processes) gets no gradient: zeros then (None
+    with keep_none=True)."""
+    grads = [p.grad if p.grad is not None or keep_none else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def dot(a, b):
+    """sum_i <a_i, b_i> over two lists of (full or FSDP2-sharded) tensors."""
+    total = sum(float((local(x).double() * local(y).double()).sum()) for x, y in zip(a, b))
+    return all_sum(total) if any(hasattr(t, "to_local") for t in a) else total
+
+
+def all_mean(tensors):
+    """Average tensors over processes, differentiably (the backward all-reduces the incoming gradient)."""
+    if not dist.is_initialized():
+        return list(tensors)
+    from torch.distributed.nn.functional import all_reduce
+    return [all_reduce(t) / dist.get_world_size() for t in tensors]
+
+
+def mean_over_processes(x):
+    """The mean of a float over processes (itself in one process)."""
+    return all_sum(float(x)) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading and saving models
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +447,64 @@ def load_causal_lm(name, tok):
                         "pass a policy (an SFT, DPO or PPO folder)")
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
     return _fit_vocab(no_dropout(model), tok)
+
+
+class ScalarModel(torch.nn.Module):
+    """A Hugging Face sequence-classification model (one label) read at every position:
+    forward -> [B, T] scores. `hf` is the plain model that save_pretrained writes. The reward
+    model reads it at the last real token (rewards); PPO's critic at every response token."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, attention_mask):
+        h = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=positions(attention_mask)).last_hidden_state
+        scores = self.hf.score(h)[..., 0]
+        # a new tensor, not a view of the head's output (FSDP2 warns that in-place changes to a
+        # view would bypass it); bf16 -> fp32, fp32 and fp64 kept
+        return scores.to(torch.promote_types(scores.dtype, torch.float32), copy=True)
+
+
+def positions(mask):
+    """Position ids that start at 0 on the first real token, so left padding changes nothing."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_index(mask):
+    """Index of the last real token of each row, for left or right padding."""
+    T = mask.shape[1]
+    return T - 1 - mask.flip(-1).long().argmax(-1)
+
+
+def rewards(model, ids, mask, params=None):
+    """r_theta(x, y) for each row: the score at the last real token. With `params` (name -> tensor),
+    r at those parameters instead, through torch.func.functional_call (MetaRM's theta')."""
+    scores = model(ids, mask) if params is None else torch.func.functional_call(model, params, (ids, mask))
+    return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
+
+
+def load_reward_model(name, tok, trained=True):
+    """A one-label sequence-classification model: a trained reward model (a folder that
+    reward_model.py or metarm.py wrote: sequence classification, with reward_stats.json), or,
+    with trained=False, a new score head on an SFT model."""
+    from transformers import AutoModelForSequenceClassification
+    kind = model_kind(name)
+    if trained and (kind != "reward model" or not os.path.isfile(os.path.join(name, "reward_stats.json"))):
+        raise UserError(
+            f"{name} is not a reward model ({kind or 'no sequence-classification config.json'}"
+            f"{'' if kind != 'reward model' else ', no reward_stats.json'}): pass a folder that "
+            "reward_model.py or metarm.py wrote (for an outside RM, add a reward_stats.json "
+            '{"mean": 0.0, "std": 1.0})')
+    if not trained and kind == "reward model":
+        raise UserError(f"{name} is a reward model, not the SFT model a new reward model "
+                        "starts from (metarm.py --init_rm starts from a reward model)")
+    hf = _from_pretrained(AutoModelForSequenceClassification, name, num_labels=1, dtype=torch.float32)
+    if not hasattr(hf, "score"):
+        raise UserError(f"{type(hf).__name__} has no 'score' head; use a decoder model "
+                        "(Llama, Mistral, Qwen2, GPT-2, ...)")
+    return ScalarModel(_fit_vocab(no_dropout(hf), tok))
 
 
 def _fit_vocab(model, tok):

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import reward_model as rm  # noqa: E402
+import runtime  # noqa: E402
 import task  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def tiny_reward_model(kind, seed=0):
                           num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
         hf = LlamaForSequenceClassification(cfg)
     hf.score.weight.data.normal_(0, 0.3)  # rewards of order one, so J and L have real curvature
-    return rm.ScalarModel(hf).double()
+    return runtime.ScalarModel(hf).double()
 
 
 def batch(n_rows, seed, min_len=4, max_len=9):

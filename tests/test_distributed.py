@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ppo
+import sample
 import runtime
 from conftest import metrics, run_script
 
@@ -19,9 +20,9 @@ REL = 1e-4
 @pytest.fixture(scope="module")
 def runs(micro, micro_sft, micro_rm, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    meta = str(root / "meta.jsonl")
-    ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
-              "--k", "3", "--max_prompts", "16", "--out", meta, "--max_new_tokens", "12"])
+    sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+                 "--k", "3", "--max_prompts", "16", "--output_dir", str(root / "samples"), "--max_new_tokens", "12"])
+    meta = str(root / "samples" / "meta.jsonl")
     info = {"base": micro["base"], "sft": micro_sft, "rm": micro_rm, "data": micro["data"], "meta": meta}
     out = {}
     for name, nproc in (("single", 1), ("ddp", 2), ("fsdp", 2)):
@@ -40,8 +41,8 @@ def test_fsdp_reward_model_output_is_not_a_view(runs):
     assert "Traceback" not in runs["fsdp_stderr"]
 
 
-STAGES = [("sft", "train/loss"), ("rm", "train/loss"), ("dpo", "train/loss"), ("metarm_first_order", "train/L"),
-          ("metarm_exact", "train/L"), ("metarm_taylor", "train/L")]
+STAGES = [("sft", "train/loss"), ("rm", "train/L"), ("dpo", "train/loss"), ("metarm_first_order", "train/L_at_theta_prime"),
+          ("metarm_exact", "train/L_at_theta_prime"), ("metarm_taylor", "train/L_at_theta")]
 
 
 # exact and taylor refuse FSDP2 instead (test_second_order_forms_refuse_fsdp)

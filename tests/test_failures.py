@@ -19,6 +19,7 @@ import metarm
 import ppo
 import reward_model as rm
 import runtime
+import sample
 import sft
 from conftest import ROOT, assert_cli_error, metrics, run_script
 
@@ -197,7 +198,8 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
     (rm, "global_batch", "0"), (rm, "eval_every", "0"), (rm, "lr", "0"), (rm, "warmup", "-0.1"),
     (metarm, "eta", "-0.1"), (metarm, "meta_batch", "0"), (metarm, "lr", "nan"),
     (dpo, "beta", "0"), (dpo, "global_batch", "-2"),
-    (ppo, "queries", "0"), (ppo, "mini_batches", "0"), (ppo, "temperature", "0"), (ppo, "k", "0"), (ppo, "k", "1"),
+    (ppo, "queries", "0"), (ppo, "mini_batches", "0"), (ppo, "temperature", "0"),
+    (sample, "k", "0"), (sample, "k", "1"), (sample, "max_prompts", "-1"), (sample, "top_p", "0"),
     (ppo, "rollouts_per_query", "0"), (ppo, "ppo_epochs", "0"), (ppo, "policy_lr", "-1"), (ppo, "top_p", "0"),
     (ppo, "top_p", "1.5"), (ppo, "gamma", "2"), (ppo, "max_new_tokens", "0"), (ppo, "steps", "-1"),
     (ppo, "kl_coef", "-0.05"), (ppo, "snapshot_every", "-1"),
@@ -205,6 +207,14 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
 def test_bad_flag_is_one_line_at_parse_time(stage, flag, value):
     with pytest.raises(runtime.UserError, match=rf"^--{flag} {float(value):g}: must be"):
         runtime.parse_args(stage.Args, "", [f"--{flag}={value}"])
+
+
+def test_a_shortened_flag_is_not_taken_for_a_longer_one(capsys):
+    """argparse would read --kl as --kl_coef and --out as --output_dir; here both are errors."""
+    for argv in (["--kl_c=0.1"], ["--out=x"]):
+        with pytest.raises(SystemExit):
+            runtime.parse_args(ppo.Args, "", argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_bad_flag_from_the_command_line():

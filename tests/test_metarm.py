@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import gradcheck
 import metarm
 import reward_model as rm
 from conftest import batch, tiny_reward_model
@@ -54,7 +55,7 @@ def test_exact_matches_finite_difference(kind, eps, tol):
     grad, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "exact")
     g = torch.Generator().manual_seed(3)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
-    fd = metarm.finite_difference(model, X_t, X_s, k, eta, v, eps)
+    fd = gradcheck.finite_difference(model, X_t, X_s, k, eta, v, eps)
     an = flat(grad) @ flat(v)
     assert abs(an - fd) / abs(fd) < tol, (an.item(), fd.item())
 
@@ -77,6 +78,36 @@ def test_exact_matches_torch_func():
     got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "exact")
     for (n, _), g in zip(model.named_parameters(), got):
         assert torch.allclose(g, want[n], rtol=1e-10, atol=1e-13), n
+
+
+def test_every_form_takes_its_inner_step_from_ascend(monkeypatch):
+    """Eq. 3 is written once (metarm.ascend): replace it by a two-step ascent and the exact and
+    first-order forms both follow, against torch.func and a separately built theta'."""
+    from torch.func import grad
+    model = tiny_reward_model("gpt2")
+    X_t, X_s, k = batches()
+    eta = 0.1
+
+    def two_steps(theta, g, eta):
+        return [p + 2 * eta * gi for p, gi in zip(theta, g)]
+    monkeypatch.setattr(metarm, "ascend", two_steps)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def objective(theta):
+        g_J = grad(lambda th: metarm.J(model, X_s, k, th))(theta)
+        return metarm.L(model, X_t, {n: theta[n] + 2 * eta * g_J[n] for n in theta})
+    with sdpa_kernel(SDPBackend.MATH):
+        want = grad(objective)(params)
+    got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "exact")
+    for (n, _), g in zip(model.named_parameters(), got):
+        assert torch.allclose(g, want[n], rtol=1e-10, atol=1e-13), n
+    got, _ = metarm.meta_gradient(model, X_t, X_s, k, eta, "first_order")
+    names, theta = zip(*[(n, p.detach().clone().requires_grad_()) for n, p in model.named_parameters()])
+    g_J = torch.autograd.grad(metarm.J(model, X_s, k, dict(zip(names, theta))), theta)
+    moved = [(p + 2 * eta * g).detach().requires_grad_() for p, g in zip(theta, g_J)]
+    want = torch.autograd.grad(metarm.L(model, X_t, dict(zip(names, moved))), moved)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
 
 
 def test_first_order_is_grad_L_at_a_separately_built_theta_prime():
@@ -162,7 +193,7 @@ def test_forms_converge_at_the_predicted_rates():
     """|exact - taylor| = O(eta^2) and |first_order - taylor| = O(eta): fitted log-log slopes."""
     model = tiny_reward_model("gpt2")
     X_t, X_s, k = batches()
-    rows, s_exact, s_first = metarm.check_table(model, X_t, X_s, k, [1e-3 / 2**i for i in range(5)])
+    rows, s_exact, s_first = gradcheck.check_table(model, X_t, X_s, k, [1e-3 / 2**i for i in range(5)])
     assert s_exact == pytest.approx(2.0, abs=0.15), rows
     assert s_first == pytest.approx(1.0, abs=0.15), rows
     # halving eta: ratios tend to 4 and 2
@@ -188,9 +219,9 @@ def test_short_run_raises_J_and_keeps_accuracy(micro, micro_sft, tmp_path):
     from conftest import run_script
     from conftest import clear_pairs
     train, test = clear_pairs(tmp_path / "train.jsonl", 600, 1), clear_pairs(tmp_path / "test.jsonl", 1000, 2)
-    meta = str(tmp_path / "meta.jsonl")
-    run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
-               "--k", "4", "--max_prompts", "64", "--out", meta, "--max_new_tokens", "24")
+    meta = str(tmp_path / "samples" / "meta.jsonl")
+    run_script("sample.py", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+               "--k", "4", "--max_prompts", "64", "--output_dir", str(tmp_path / "samples"), "--max_new_tokens", "24")
     runs = {"vanilla": ["--eta", "0"], "first_order": ["--eta", "0.1", "--deploy", "adapted"]}
     result = {name: [] for name in runs}
     for seed in ("1", "2", "3"):
@@ -217,9 +248,9 @@ def test_eta_zero_is_the_vanilla_reward_model_bit_for_bit(micro, micro_sft, tmp_
     from safetensors.torch import load_file
     from conftest import run_script
     d = micro["data"]
-    meta = str(tmp_path / "meta.jsonl")
-    run_script("ppo.py", "--sample_only", "--policy_dir", micro_sft, "--prompts", f"{d}/prompts_train.jsonl",
-               "--k", "3", "--max_prompts", "8", "--out", meta, "--max_new_tokens", "12")
+    meta = str(tmp_path / "samples" / "meta.jsonl")
+    run_script("sample.py", "--policy_dir", micro_sft, "--prompts", f"{d}/prompts_train.jsonl",
+               "--k", "3", "--max_prompts", "8", "--output_dir", str(tmp_path / "samples"), "--max_new_tokens", "12")
     common = ["--sft_dir", micro_sft, "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
               "--max_steps", "5", "--global_batch", "16", "--eval_every", "1000", "--seed", "3"]
     rm.main([*common, "--output_dir", str(tmp_path / "vanilla")])
@@ -230,10 +261,11 @@ def test_eta_zero_is_the_vanilla_reward_model_bit_for_bit(micro, micro_sft, tmp_
     assert not torch.equal(a["score.weight"], torch.zeros_like(a["score.weight"]))
 
 
-def test_check_runs_without_any_folder(tmp_path, capsys):
-    """`python metarm.py --check` on a fresh clone: a tiny random float64 model, the same table."""
+def test_gradcheck_runs_without_any_folder(tmp_path, capsys):
+    """`python gradcheck.py` on a fresh clone: a tiny random float64 model, the same table."""
     import re
-    metarm.main(["--check", "--sft_dir", str(tmp_path / "none"), "--meta_data", str(tmp_path / "none.jsonl")])
+    import gradcheck
+    gradcheck.main(["--sft_dir", str(tmp_path / "none"), "--meta_data", str(tmp_path / "none.jsonl")])
     out = capsys.readouterr().out
     s_exact, s_first = map(float, re.search(r"slope\s+(\S+)\s+(\S+)", out).groups())
     assert s_exact == pytest.approx(2.0, abs=0.15) and s_first == pytest.approx(1.0, abs=0.15), out

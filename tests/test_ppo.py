@@ -1,8 +1,6 @@
 """ppo.py: GAE against a slow loop, rewards and KL by hand, log-probabilities against those seen
 while sampling, the clipped losses by hand, short runs, and the sampling mode."""
-import json
 import os
-import re
 
 import pytest
 import torch
@@ -111,16 +109,3 @@ def test_two_processes_run_end_to_end(micro, micro_sft, micro_rm, tmp_path):
                f"{micro['data']}/prompts_train.jsonl", "--output_dir", out, "--steps", "2",
                "--queries", "8", "--max_new_tokens", "8", nproc=2)
     assert runtime.is_done(out) and len(metrics(out)) == 2
-
-
-def test_sampling_mode_writes_meta_data(micro, micro_sft, tmp_path):
-    out = str(tmp_path / "meta.jsonl")
-    ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
-              "--k", "3", "--max_prompts", "10", "--out", out, "--max_new_tokens", "8"])
-    rows = data.load_meta(out)
-    prompts = [p for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")][:10]
-    assert [p for p, _, _ in rows] == prompts and all(len(rs) == 3 for _, rs, _ in rows)
-    bad = tmp_path / "prompts.jsonl"
-    bad.write_text(json.dumps({"prompt": prompts[0]}) + "\n" + json.dumps({"question": "hi"}) + "\n")
-    with pytest.raises(runtime.UserError, match=re.escape(f"{bad}, row 2: missing key 'prompt'")):
-        ppo.main(["--sample_only", "--policy_dir", micro_sft, "--prompts", str(bad), "--out", str(tmp_path / "m2.jsonl")])

@@ -1,5 +1,6 @@
-"""reward_model.py: Eq. 1 by hand and by finite differences, the reward read at the last real
-token whatever the padding, the |dr| statistics against slow loops, training, bad input."""
+"""reward_model.py: Eq. 1 (metarm.L, the same loss: test_metarm checks the two stages agree bit
+for bit at eta = 0) by hand and by finite differences, the reward read at the last real token
+whatever the padding, training, bad input."""
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import data
+import metarm
 import reward_model as rm
 import runtime
 from conftest import assert_cli_error, metrics
@@ -16,9 +18,10 @@ from conftest import batch, clear_pairs, tiny_reward_model
 
 
 def test_loss_by_hand():
-    r_w, r_l = torch.tensor([1.0, 0.2, -0.3]), torch.tensor([0.5, 0.7, -0.3])
+    r = torch.tensor([1.0, 0.2, -0.3, 0.5, 0.7, -0.3])  # r(y_w) of 3 pairs, then r(y_l)
+    X_t = (torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1, dtype=torch.long))
     want = (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5)) + math.log(2)) / 3
-    assert rm.pair_loss(r_w, r_l).mean().item() == pytest.approx(want, rel=1e-6)
+    assert metarm.L(lambda ids, mask: r[:, None], X_t).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_loss_gradient_matches_finite_difference():
@@ -26,8 +29,7 @@ def test_loss_gradient_matches_finite_difference():
     ids, mask = batch(8, seed=5)  # 4 chosen rows then 4 rejected rows
 
     def loss():
-        r = rm.rewards(model, ids, mask)
-        return rm.pair_loss(r[:4], r[4:]).mean()
+        return metarm.L(model, (ids, mask))
     params = list(model.parameters())
     grads = torch.autograd.grad(loss(), params)
     v = [torch.randn_like(p) for p in params]
@@ -51,56 +53,14 @@ def test_reward_ignores_padding(kind):
     model = tiny_reward_model(kind).float().eval()
     seq = torch.tensor([[5, 9, 13, 2, 7, 11]])
     one = torch.ones_like(seq)
-    base = rm.rewards(model, seq, one)
+    base = runtime.rewards(model, seq, one)
     for left, right in [(0, 3), (4, 0), (2, 5)]:
         ids = torch.cat([torch.zeros(1, left, dtype=torch.long), seq, torch.zeros(1, right, dtype=torch.long)], 1)
         mask = torch.cat([torch.zeros(1, left, dtype=torch.long), one, torch.zeros(1, right, dtype=torch.long)], 1)
-        assert rm.rewards(model, ids, mask).item() == pytest.approx(base.item(), abs=1e-5), (left, right)
+        assert runtime.rewards(model, ids, mask).item() == pytest.approx(base.item(), abs=1e-5), (left, right)
     # and in a batch with rows of other lengths, padded on either side
     ids, mask = data.pad([[3, 4], seq[0].tolist(), [8] * 9], 0, side="left")
-    assert rm.rewards(model, ids, mask)[1].item() == pytest.approx(base.item(), abs=1e-5)
-
-
-def test_difference_statistics_against_loops():
-    r = torch.tensor([[0.0, 1.0, 3.0, 2.5], [1.0, 1.1, 0.4, 0.0], [2.0, -1.0, 0.5, 0.5]], dtype=torch.float64)
-    diffs = []
-    for row in r.tolist():
-        for i in range(len(row)):
-            for j in range(i + 1, len(row)):
-                diffs.append(row[i] - row[j])
-    mx = max(abs(x) for x in diffs)
-    signed = diffs + [-x for x in diffs]
-    mean = sum(signed) / len(signed)
-    s = rm.difference_stats(r, bins=4, near_zero=0.1)
-    assert s["var"] == pytest.approx(sum((x - mean) ** 2 for x in signed) / len(signed))
-    assert s["mean_abs"] == pytest.approx(sum(abs(x) for x in diffs) / len(diffs))
-    assert s["near_zero"] == pytest.approx(sum(abs(x) / mx < 0.1 for x in diffs) / len(diffs))
-    hist = [0] * 4
-    for x in diffs:
-        hist[min(int(abs(x) / mx * 4), 3)] += 1
-    assert s["hist"] == pytest.approx([h / len(diffs) for h in hist], abs=1e-4)
-
-
-def test_gold_agreement_against_a_loop():
-    r = torch.tensor([[0.0, 1.0, 1.0], [2.0, -1.0, 0.5]])
-    g = torch.tensor([[1.0, 2.0, 0.0], [0.3, 0.3, 0.1]])
-    right = n = 0.0
-    for rr, gg in zip(r.tolist(), g.tolist()):
-        for i in range(3):
-            for j in range(i + 1, 3):
-                if gg[i] == gg[j]:
-                    continue  # gold tie: excluded
-                n += 1
-                right += 0.5 if rr[i] == rr[j] else float((rr[i] > rr[j]) == (gg[i] > gg[j]))
-    got, count = rm.gold_agreement(r, g)
-    assert count == n == 5 and got == pytest.approx(right / n)
-
-
-def test_label_ceiling_counts_gold_order(micro):
-    import task
-    pairs = data.load_pairs(os.path.join(micro["data"], "pairs_test.jsonl"))
-    agree = [task.gold(p, w) > task.gold(p, l) for p, w, l, _ in pairs if task.gold(p, w) != task.gold(p, l)]
-    assert rm.label_ceiling(pairs) == pytest.approx(sum(agree) / len(agree))
+    assert runtime.rewards(model, ids, mask)[1].item() == pytest.approx(base.item(), abs=1e-5)
 
 
 def test_short_training_beats_chance(micro_sft, tmp_path):

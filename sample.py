@@ -1,0 +1,99 @@
+"""sample.py: the meta data S of MetaRM (Algorithm 1, line 3): k responses of a policy to each
+prompt, no labels. Writes a run folder: meta.jsonl ({prompt, responses: [k strings]} per line),
+args.json (which policy, prompts, seed and sampling settings made it) and DONE, last.
+
+    python sample.py                                        # 5 samples per prompt of seed 1's SFT model
+    python sample.py --policy_dir runs/default/seed1/metarm/round1/ppo \\
+        --output_dir runs/default/seed1/metarm/round2/samples --max_prompts 256 --seed 102
+    torchrun --nproc_per_node 8 sample.py --policy_dir runs/7b/sft --prompts Anthropic/hh-rlhf \\
+        --k 5 --max_prompts 4096 --temperature 0.8 --top_p 0.9 --repetition_penalty 1.1 \\
+        --max_new_tokens 256 --output_dir runs/7b/round1/samples      # the paper's settings (7B)
+"""
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import runtime
+from runtime import arg
+
+
+@dataclasses.dataclass
+class Args:
+    policy_dir: str = arg("runs/default/seed1/sft", "the policy to sample from (SFT, or a round's PPO policy)")
+    prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "prompts: {prompt} rows or HH-RLHF rows")
+    output_dir: str = arg("runs/default/seed1/sft_samples", "run folder: meta.jsonl, args.json, DONE")
+    k: int = arg(5, "responses per prompt (paper: 5)", check=">= 2")
+    max_prompts: int = arg(0, "use only the first N prompts (0: all)", check=">= 0")
+    temperature: float = arg(1.0, "sampling temperature (paper: 0.8)", check="> 0")
+    top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)", check="(0, 1]")
+    repetition_penalty: float = arg(1.0, "repetition penalty (paper: 1.1)", check="> 0")
+    max_new_tokens: int = arg(40, "maximum response tokens", check="> 0")
+    skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
+    seed: int = arg(1, "seed for sampling (process r uses seed + r)")
+    strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
+    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, s, d):
+    """Sample one response per prompt (s: temperature, top_p, repetition_penalty, max_new_tokens).
+    prompt_ids: list of id lists, left-padded here so that every response starts at the same
+    column. Returns the response ids, padded with PAD after their EOS."""
+    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
+    out = runtime.unwrap(model).generate(
+        input_ids=query.to(d.device), attention_mask=qmask.to(d.device), do_sample=True,
+        temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+        max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
+    return out[:, query.shape[1]:]
+
+
+@torch.no_grad()
+def sample_meta(policy, tok, prompts, args, d, batch=128):
+    """k responses for every prompt; each process samples a share, every process gets all."""
+    enc = data.Encoder(tok, 10**9)
+    out = {}
+    batches = list(runtime.shard_batches(len(prompts), max(1, batch // args.k), d))
+    for idx, real in runtime.progress(batches, d, desc="sample"):
+        ids = [enc.prompt(prompts[j]) for j in idx for _ in range(args.k)]
+        texts = data.decode_responses(tok, generate(policy, tok, ids, args, d))
+        if real:
+            for n, j in enumerate(idx):
+                out[j] = texts[n * args.k:(n + 1) * args.k]
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, out)
+        out = {j: v for part in parts for j, v in part.items()}
+    return [{"prompt": prompts[j], "responses": out[j]} for j in range(len(prompts))]
+
+
+def main(argv=None):
+    args = runtime.parse_args(Args, __doc__, argv)
+    d = runtime.init_distributed(args.strategy, args.precision)
+    run = runtime.Run.open(args.output_dir, args, d)
+    if run is None:  # done, with these settings
+        return
+    runtime.set_seed(args.seed + d.rank)
+    tok = runtime.load_tokenizer(args.policy_dir)
+    prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
+    if args.max_prompts:
+        prompts = prompts[:args.max_prompts]
+    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
+    d.print(f"sample: {len(prompts)} prompts x {args.k} responses from {args.policy_dir}")
+    t0 = time.time()
+    rows = sample_meta(policy, tok, prompts, args, d)
+    if d.main:
+        path = os.path.join(args.output_dir, "meta.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    run.finish({"stage": "sample", "prompts": len(rows), "k": args.k, "wall_time_s": round(time.time() - t0, 1)})
+
+
+if __name__ == "__main__":
+    runtime.guard(main)
