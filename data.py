@@ -9,9 +9,10 @@ the stages' code:
   prompts  {"prompt": ...}, an HH-RLHF row, a TL;DR row, a PKU-SafeRLHF row, or Oasst1 messages
            (conversation starts only); a plain-text prompt becomes one human turn
   meta     {"prompt": "...", "responses": [" ...", " ...", ...]}   k responses, as written by
-           `ppo.py --sample_only`, read by metarm.py
+           sample.py, read by metarm.py
 A local .jsonl/.json file is read here line by line; anything else (a parquet file, a hub name)
-goes through `datasets.load_dataset`.
+goes through `datasets.load_dataset`. Then tokens: prompt + response ids (Encoder), and the batches
+the reward models read, X_t (pairs) and X_s (k responses per prompt).
 """
 import json
 import os

@@ -11,10 +11,8 @@ of the *current* policy (no labels needed), and takes its loss there. Step t (th
   4. J_theta(X_s) = 2/k^2 sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|)       difference loss (Eq. 2)
   5. theta' = theta + eta * grad J_theta(X_s)           meta-process: ascent, a plain step (Eq. 3)
   6. L_theta'(X_t), Eq. 1 at theta' (Eq. 4)             7. theta <- theta - alpha * grad (Eq. 5)
-Which gradient in line 7 (--meta_grad; `python gradcheck.py` shows how they relate):
-  exact        d/dtheta L(theta + eta grad J(theta)) = (I + eta hess J) grad L(theta')   MAML-style
-  first_order  grad L(theta') applied to theta: what the authors ran; practical at 7B, sharded
-  taylor       grad of the surrogate L(theta) + eta <grad L(theta), grad J(theta)>   (Eq. 7-8)
+The gradient in line 7 (--meta_grad) in three forms, side by side in meta_gradient: exact (through
+the inner gradient), first_order (the authors'; works sharded), taylor (Eq. 7-8); gradcheck.py.
 
     python metarm.py                                        # train on the embedded task (CPU)
     torchrun --nproc_per_node 2 metarm.py                   # the same with DDP (gloo on CPU)

@@ -1,7 +1,9 @@
 """Plumbing every stage shares, so that sft.py, reward_model.py, metarm.py and ppo.py can read as
 algorithms: command-line arguments from a dataclass, distributed set-up (one process, DDP or
 FSDP2, gloo on CPU and NCCL on GPU), run folders (args.json, metrics.jsonl, resumable
-checkpoints, the DONE marker) and loading/saving Hugging Face models with clear errors.
+checkpoints, the DONE marker), loading/saving Hugging Face models with clear errors (the policy,
+and the reward model: a scalar read at the last real token), and changing parameters in place
+on each process's FSDP2 shard.
 """
 import argparse
 import contextlib

@@ -2,7 +2,7 @@
 prompt, no labels. Writes a run folder: meta.jsonl ({prompt, responses: [k strings]} per line),
 args.json (which policy, prompts, seed and sampling settings made it) and DONE, last.
 
-    python sample.py                                        # 5 samples per prompt of seed 1's SFT model
+    python sample.py                     # round 1's meta data of iterate.sh's seed 1: 5 samples of its SFT model
     python sample.py --policy_dir runs/default/seed1/metarm/round1/ppo \\
         --output_dir runs/default/seed1/metarm/round2/samples --max_prompts 256 --seed 102
     torchrun --nproc_per_node 8 sample.py --policy_dir runs/7b/sft --prompts Anthropic/hh-rlhf \\
@@ -28,13 +28,13 @@ class Args:
     prompts: str = arg("runs/default/task/data/prompts_train.jsonl", "prompts: {prompt} rows or HH-RLHF rows")
     output_dir: str = arg("runs/default/seed1/sft_samples", "run folder: meta.jsonl, args.json, DONE")
     k: int = arg(5, "responses per prompt (paper: 5)", check=">= 2")
-    max_prompts: int = arg(0, "use only the first N prompts (0: all)", check=">= 0")
+    max_prompts: int = arg(256, "use only the first N prompts (0: all)", check=">= 0")
     temperature: float = arg(1.0, "sampling temperature (paper: 0.8)", check="> 0")
     top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)", check="(0, 1]")
     repetition_penalty: float = arg(1.0, "repetition penalty (paper: 1.1)", check="> 0")
     max_new_tokens: int = arg(40, "maximum response tokens", check="> 0")
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
-    seed: int = arg(1, "seed for sampling (process r uses seed + r)")
+    seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)")
     strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
     precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
 
