@@ -116,25 +116,31 @@ def meta_gradient(model, X_t, X_s, k, eta, mode):
         return first_order(model, X_t, X_s, k, eta)
     net = runtime.unwrap(model)  # exact and taylor do their own averaging over processes
     names, theta = zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad])
-    with sdpa_kernel(SDPBackend.MATH):  # fused CPU/flash attention kernels have no double backward
+    if mode not in ("exact", "taylor"):
+        raise ValueError(f"unknown meta_grad {mode!r}")
+    with twice():
         J_theta = J(net, X_s, k)
         grad_J = runtime.all_mean(torch.autograd.grad(J_theta, theta, create_graph=True))     # kept in graph
-        if mode == "exact":
-            theta_prime = ascend(theta, grad_J, eta)                                       # Eq. 3
-            L_value = L(net, X_t, dict(zip(names, theta_prime)))                          # Eq. 4
-            both = torch.autograd.grad(L_value, [*theta, *theta_prime])
-            grad = both[:len(theta)]                                 # (I + eta hess J) grad L(theta')
-            grad_L = runtime.all_mean(both[len(theta):])                     # grad L(theta'), for the log
-        elif mode == "taylor":
+    if mode == "exact":
+        theta_prime = ascend(theta, grad_J, eta)                                           # Eq. 3
+        L_value = L(net, X_t, dict(zip(names, theta_prime)))                              # Eq. 4
+        both = torch.autograd.grad(L_value, [*theta, *theta_prime])
+        grad = both[:len(theta)]                                     # (I + eta hess J) grad L(theta')
+        grad_L = runtime.all_mean(both[len(theta):])                 # grad L(theta'), for the log
+    else:
+        with twice():
             L_value = L(net, X_t)
             grad_L = runtime.all_mean(torch.autograd.grad(L_value, theta, create_graph=True))
-            surrogate = L_value + eta * sum((gl * gj).sum() for gl, gj in zip(grad_L, grad_J))  # Eq. 7
-            grad = torch.autograd.grad(surrogate, theta)                                  # Eq. 8
-        else:
-            raise ValueError(f"unknown meta_grad {mode!r}")
+        surrogate = L_value + eta * sum((gl * gj).sum() for gl, gj in zip(grad_L, grad_J))      # Eq. 7
+        grad = torch.autograd.grad(surrogate, theta)                                      # Eq. 8
     detach = lambda ts: [t.detach() for t in ts]
     return detach(runtime.all_mean(grad)), dict(J=J_theta.detach(), L=L_value.detach(),
                                         grad_J=detach(grad_J), grad_L=detach(grad_L))
+
+
+def twice():
+    """Attention for a graph that is differentiated twice: fused kernels have no double backward."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def first_order(model, X_t, X_s, k, eta):
