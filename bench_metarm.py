@@ -1,6 +1,8 @@
 """bench_metarm.py: what one MetaRM step costs, in one process, on the same batches.
 
-Times (median of --repeats after a warm-up):
+Times (median of --repeats after a warm-up; the five are timed in turn within each repeat, and
+each ratio is the median of the per-repeat ratios, so that a slower moment of the machine
+affects both sides of a ratio alike):
   vanilla      forward + backward of L on the pair batch X_t (a vanilla RM step, no optimizer)
   meta f+b     forward + backward of J on the meta batch X_s
   first_order  metarm.meta_gradient(..., "first_order")  (floor: vanilla + meta f+b)
@@ -45,14 +47,21 @@ def random_batch(rows, seed, vocab=1024, lengths=(20, 40)):
     return ids, mask
 
 
-def timed(f, repeats):
-    f()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fs, repeats):
+    """{name: [seconds per repeat]}: every f once per repeat, in turn, after one warm-up call each."""
+    for f in fs.values():
         f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fs}
+    for _ in range(repeats):
+        for name, f in fs.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def bench(size, n_pairs, m, k, eta, repeats):
@@ -66,10 +75,10 @@ def bench(size, n_pairs, m, k, eta, repeats):
             for p in params:
                 p.grad = None
         return f
-    t = {"vanilla": timed(backward(lambda: metarm.L(model, X_t)), repeats),
-         "meta f+b": timed(backward(lambda: metarm.J(model, X_s, k)), repeats)}
+    fs = {"vanilla": backward(lambda: metarm.L(model, X_t)), "meta f+b": backward(lambda: metarm.J(model, X_s, k))}
     for mode in ("first_order", "exact", "taylor"):
-        t[mode] = timed(lambda: metarm.meta_gradient(model, X_t, X_s, k, eta, mode), repeats)
+        fs[mode] = lambda mode=mode: metarm.meta_gradient(model, X_t, X_s, k, eta, mode)
+    t = timed(fs, repeats)
     return sum(p.numel() for p in params), t
 
 
@@ -89,11 +98,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         n, t = bench(size, args.pairs, args.prompts, args.k, args.eta, args.repeats)
-        floor = t["vanilla"] + t["meta f+b"]
-        print(f"| {size} | {n / 1e6:.1f}M | {t['vanilla']:.3f} | {t['meta f+b']:.3f} | {t['first_order']:.3f} | "
-              f"{t['exact']:.3f} | {t['taylor']:.3f} | {t['first_order'] / floor:.2f} | "
-              f"{t['exact'] / t['first_order']:.2f} | {t['taylor'] / t['first_order']:.2f} |", flush=True)
-
+        floor = [a + b for a, b in zip(t["vanilla"], t["meta f+b"])]
+        med = {name: statistics.median(v) for name, v in t.items()}
+        print(f"| {size} | {n / 1e6:.1f}M | {med['vanilla']:.3f} | {med['meta f+b']:.3f} | {med['first_order']:.3f} | "
+              f"{med['exact']:.3f} | {med['taylor']:.3f} | {ratio(t['first_order'], floor):.2f} | "
+              f"{ratio(t['exact'], t['first_order']):.2f} | {ratio(t['taylor'], t['first_order']):.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@
 # An arm takes modifiers after '+': eta=<x> and deploy=theta|adapted (metarm), anchor=prev|sft
 # (the PPO KL reference: pi_{k-1} or SFT), e.g. ARMS="metarm metarm+deploy=adapted vanilla+anchor=sft".
 #
-# Every stage runs under torchrun and writes a run folder with a DONE marker written last. A
+# Every stage (under torchrun when NPROC > 1) writes a run folder with a DONE marker written last. A
 # stage whose marker exists is skipped, unless a stage it depends on ran in this invocation
 # (then it is redone from scratch): a killed run picks up where it stopped, a finished one
 # re-runs in seconds, and deleting one stage's DONE redoes that stage and the ones after it.
@@ -154,7 +154,12 @@ if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]
 fi
 echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
 
-launch() { torchrun --standalone --nproc_per_node "$NPROC" "$@"; }
+# One process: plain python with one intra-op thread, as torchrun would set it (torchrun's own
+# start and rendezvous cost about 2 s a stage, for nothing with one process); more: torchrun.
+launch() {
+  if [ "$NPROC" = 1 ]; then OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -u "$@"
+  else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
+}
 
 DIRTY=0
 RAN=0
@@ -255,7 +260,7 @@ run_seed() {  # every stage of one seed, then its evaluation
   [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
   DIRTY=0
   stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
-    torchrun --standalone --nproc_per_node 1 evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
+    env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -u evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
       --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
   echo "$key" > "$R/eval/key"
   printf "\nseed $SEED stage times:\n$TIMES"
