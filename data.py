@@ -356,6 +356,20 @@ def pad(seqs, pad_id, side="right"):
 # ---------------------------------------------------------------------------------------------
 # Batches: X_t (preference pairs) and X_s (k responses per prompt), as the reward models read them
 # ---------------------------------------------------------------------------------------------
+def encode_prompts(tok, prompts, max_len, truncate, path=""):
+    """Prompt texts -> token-id lists, as a policy is given them. Longer than max_len: an error
+    naming the prompt, or (truncate=True) cut from the left, keeping the end of the dialogue where
+    the response starts; the cuts are reported under `path`."""
+    ids = [Encoder(tok, max_len).prompt(p) for p in prompts]
+    long = [i for i, x in enumerate(ids) if len(x) > max_len]
+    if long and not truncate:
+        raise DataError(f"{path}: a prompt of {len(ids[long[0]])} tokens is longer than --max_prompt_len "
+                        f"{max_len}: {prompts[long[0]][:60]!r}; raise it or pass --truncate true")
+    if long:
+        print(f"{path}: {len(long)} prompts truncated (cut from the left, --max_prompt_len {max_len})", flush=True)
+    return [x[-max_len:] for x in ids]
+
+
 def encode_pairs(tok, pairs, max_len, truncate, path=""):
     """Pairs -> [(chosen_ids, rejected_ids)] (prompt + response each); cuts are reported under `path`."""
     enc = Encoder(tok, max_len, truncate)

@@ -321,16 +321,8 @@ def train(args, d):
     if run is None:  # done, with these settings
         return
     tok = runtime.load_tokenizer(args.policy_dir)
-    enc = data.Encoder(tok, args.max_prompt_len, args.truncate)
-    prompts = [(enc.prompt(p), p) for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
-    for ids, p in prompts:
-        if len(ids) > args.max_prompt_len and not args.truncate:
-            raise data.DataError(f"{args.prompts}: a prompt of {len(ids)} tokens is longer than "
-                                 f"--max_prompt_len {args.max_prompt_len}: {p[:60]!r}; raise it or pass --truncate true")
-    cut = sum(len(ids) > args.max_prompt_len for ids, _ in prompts)
-    if cut:
-        d.print(f"{args.prompts}: {cut} prompts truncated (cut from the left, --max_prompt_len {args.max_prompt_len})")
-    prompts = [(ids[-args.max_prompt_len:], p) for ids, p in prompts]
+    texts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
+    prompts = list(zip(data.encode_prompts(tok, texts, args.max_prompt_len, args.truncate, args.prompts), texts))
     gold = measure.gold_applies([p for _, p in prompts])
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)

@@ -33,6 +33,8 @@ class Args:
     top_p: float = arg(1.0, "nucleus sampling (paper: 0.9)", check="(0, 1]")
     repetition_penalty: float = arg(1.0, "repetition penalty (paper: 1.1)", check="> 0")
     max_new_tokens: int = arg(40, "maximum response tokens", check="> 0")
+    max_prompt_len: int = arg(64, "maximum prompt tokens", check="> 0")
+    truncate: bool = arg(False, "cut prompts longer than max_prompt_len from the left (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
     seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)")
     strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
@@ -54,13 +56,12 @@ def generate(model, tok, prompt_ids, s, d):
 
 
 @torch.no_grad()
-def sample_meta(policy, tok, prompts, args, d, batch=128):
+def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
     """k responses for every prompt; each process samples a share, every process gets all."""
-    enc = data.Encoder(tok, 10**9)
     out = {}
     batches = list(runtime.shard_batches(len(prompts), max(1, batch // args.k), d))
     for idx, real in runtime.progress(batches, d, desc="sample"):
-        ids = [enc.prompt(prompts[j]) for j in idx for _ in range(args.k)]
+        ids = [prompt_ids[j] for j in idx for _ in range(args.k)]
         texts = data.decode_responses(tok, generate(policy, tok, ids, args, d))
         if real:
             for n, j in enumerate(idx):
@@ -83,10 +84,11 @@ def main(argv=None):
     prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
     if args.max_prompts:
         prompts = prompts[:args.max_prompts]
+    prompt_ids = data.encode_prompts(tok, prompts, args.max_prompt_len, args.truncate, args.prompts)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
     d.print(f"sample: {len(prompts)} prompts x {args.k} responses from {args.policy_dir}")
     t0 = time.time()
-    rows = sample_meta(policy, tok, prompts, args, d)
+    rows = sample_meta(policy, tok, prompts, prompt_ids, args, d)
     if d.main:
         path = os.path.join(args.output_dir, "meta.jsonl")
         with open(path + ".tmp", "w") as f:

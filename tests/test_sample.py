@@ -45,3 +45,13 @@ def test_bad_prompt_row_is_named(micro, micro_sft, tmp_path):
     bad.write_text(json.dumps({"prompt": prompts[0]}) + "\n" + json.dumps({"question": "hi"}) + "\n")
     with pytest.raises(runtime.UserError, match=re.escape(f"{bad}, row 2: missing key 'prompt'")):
         sample.main(["--policy_dir", micro_sft, "--prompts", str(bad), "--output_dir", str(tmp_path / "m2")])
+
+
+def test_a_long_prompt_is_named_or_cut_and_counted(micro, micro_sft, tmp_path, capsys):
+    argv = ["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl", "--k", "2",
+            "--max_prompts", "3", "--max_new_tokens", "4", "--max_prompt_len", "5"]
+    with pytest.raises(runtime.UserError, match=r"prompts_train.jsonl: a prompt of \d+ tokens is longer than --max_prompt_len 5"):
+        sample.main([*argv, "--output_dir", str(tmp_path / "a")])
+    sample.main([*argv, "--output_dir", str(tmp_path / "b"), "--truncate", "true"])
+    assert "3 prompts truncated (cut from the left, --max_prompt_len 5)" in capsys.readouterr().out
+    assert len(data.load_meta(str(tmp_path / "b" / "meta.jsonl"))) == 3
