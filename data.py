@@ -360,7 +360,8 @@ def encode_prompts(tok, prompts, max_len, truncate, path=""):
     """Prompt texts -> token-id lists, as a policy is given them. Longer than max_len: an error
     naming the prompt, or (truncate=True) cut from the left, keeping the end of the dialogue where
     the response starts; the cuts are reported under `path`."""
-    ids = [Encoder(tok, max_len).prompt(p) for p in prompts]
+    enc = Encoder(tok, max_len)
+    ids = [enc.prompt(p) for p in prompts]
     long = [i for i, x in enumerate(ids) if len(x) > max_len]
     if long and not truncate:
         raise DataError(f"{path}: a prompt of {len(ids[long[0]])} tokens is longer than --max_prompt_len "

@@ -156,8 +156,9 @@ echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_D
 
 # One process: plain python with one intra-op thread, as torchrun would set it (torchrun's own
 # start and rendezvous cost about 2 s a stage, for nothing with one process); more: torchrun.
+one_process() { OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -u "$@"; }
 launch() {
-  if [ "$NPROC" = 1 ]; then OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -u "$@"
+  if [ "$NPROC" = 1 ]; then one_process "$@"
   else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
 }
 
@@ -260,7 +261,7 @@ run_seed() {  # every stage of one seed, then its evaluation
   [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
   DIRTY=0
   stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
-    env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -u evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
+    one_process evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
       --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
   echo "$key" > "$R/eval/key"
   printf "\nseed $SEED stage times:\n$TIMES"

@@ -323,7 +323,7 @@ def train(args, d):
     tok = runtime.load_tokenizer(args.policy_dir)
     texts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
     prompts = list(zip(data.encode_prompts(tok, texts, args.max_prompt_len, args.truncate, args.prompts), texts))
-    gold = measure.gold_applies([p for _, p in prompts])
+    gold = measure.gold_applies(texts)
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)

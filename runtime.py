@@ -522,7 +522,7 @@ def save_model(model, tok, out_dir, d, extra=None):
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     inner = unwrap(model)
     hf = getattr(inner, "hf", inner)
-    if hf is not inner:  # a wrapper such as reward_model.ScalarModel: strip its prefix
+    if hf is not inner:  # a wrapper such as ScalarModel: strip its prefix
         sd = {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
     bad = broadcast_object(next((k for k, v in sd.items() if not torch.isfinite(v).all()), None))
     if bad:
