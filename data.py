@@ -379,6 +379,16 @@ def encode_pairs(tok, pairs, max_len, truncate, path=""):
     return out
 
 
+def response_batch(examples, pad_id):
+    """[(prompt_ids, response_ids)] -> input_ids, attention_mask, labels (right padded; labels are
+    -100 on prompt and padding tokens, the token itself on response tokens)."""
+    ids, mask = pad([p + r for p, r in examples], pad_id, side="right")
+    labels = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(examples):
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+    return ids, mask, labels
+
+
 def pair_batch(examples, pad_id, device):
     """[(chosen_ids, rejected_ids)] -> X_t, one right-padded batch: n chosen rows, then n rejected rows."""
     ids, mask = pad([c for c, _ in examples] + [r for _, r in examples], pad_id)

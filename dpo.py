@@ -58,25 +58,6 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # The loss. A batch holds the n chosen rows, then the n rejected rows (prompt + response each).
 # ---------------------------------------------------------------------------------------------
-def collate(examples, pad_id):
-    """[((prompt, chosen), (prompt, rejected))] -> input_ids, attention_mask, labels (right
-    padded; labels are -100 on prompt and padding tokens, the token itself on response tokens)."""
-    rows = [w for w, _ in examples] + [l for _, l in examples]
-    ids, mask = data.pad([p + r for p, r in rows], pad_id, side="right")
-    labels = torch.full_like(ids, -100)
-    for i, (p, r) in enumerate(rows):
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-    return ids, mask, labels
-
-
-def sequence_logps(model, ids, mask, labels):
-    """log pi(y|x) per row: the sum of the response tokens' log-probabilities."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = labels[:, 1:]
-    logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * (target != -100)).sum(-1)
-
-
 def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     """Per pair: the DPO loss and the implicit rewards r_hat of the chosen and rejected responses."""
     r_w, r_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
@@ -85,11 +66,12 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
 
 def pair_terms(policy, ref, examples, pad_id, beta, d):
     """dpo_loss on a list of encoded pairs: the policy's forward with gradient, pi_ref's without."""
-    ids, mask, labels = (t.to(d.device) for t in collate(examples, pad_id))
+    rows = [w for w, _ in examples] + [l for _, l in examples]
+    ids, mask, labels = (t.to(d.device) for t in data.response_batch(rows, pad_id))
     n = len(examples)
     with torch.no_grad():
-        ref_logp = sequence_logps(ref, ids, mask, labels)
-    logp = sequence_logps(policy, ids, mask, labels)
+        ref_logp = runtime.sequence_logps(ref, ids, mask, labels)
+    logp = runtime.sequence_logps(policy, ids, mask, labels)
     return dpo_loss(logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], beta)
 
 

@@ -406,6 +406,8 @@ def comparison_plan(arms, R, steps):
                 add((me, f"{arm}/round{k - 1}"))  # does the arm improve round over round?
             if "vanilla" in arms and arm != "vanilla":
                 add((me, f"vanilla/round{k}"))
+            if base(arm) == "bilevel" and "metarm" in arms:
+                add((me, f"metarm/round{k}"))  # the two answers to a reward model off its distribution
             if mods and base(arm) in arms:
                 add((me, f"{base(arm)}/round{k}"))
             if mods and base(arm) != "vanilla" and f"vanilla{mods}" in arms:
@@ -420,8 +422,8 @@ def comparison_plan(arms, R, steps):
 
 
 def rm_dir(run, arm, k):
-    """The reward model that steered an arm's round-k PPO."""
-    return f"{run}/rm" if base(arm) == "vanilla" else f"{run}/{arm}/round{k}/rm"
+    """The reward model that steered an arm's round-k PPO (vanilla and bilevel: one for all rounds)."""
+    return {"vanilla": f"{run}/rm", "bilevel": f"{run}/bilevel_rm"}.get(base(arm), f"{run}/{arm}/round{k}/rm")
 
 
 def arm_settings(run, arm):
@@ -439,6 +441,9 @@ def arm_settings(run, arm):
         m = args_of(f"{run}/{arm}/round1/rm")
         out.update({"meta_grad": m["meta_grad"], "eta": m["eta"], "alpha": m["lr"], "deploy": m["deploy"],
                     "meta_batch": m["meta_batch"], "epochs": m["epochs"]})
+    if base(arm) == "bilevel":
+        m = args_of(f"{run}/bilevel_rm")
+        out.update({k: m[k] for k in ("beta", "inner_lr", "inner_steps", "steps", "lr", "tasks_per_step")})
     if base(arm) == "oracle":
         with open(f"{run}/{arm}/round1/new_pairs.jsonl") as f:
             out["new_pairs_per_round"] = sum(1 for _ in f)

@@ -21,6 +21,9 @@
 #            ORACLE_PAIRS pairs) added to the original pairs, RM retrained from SFT: what new
 #            human preferences each round would buy. Embedded task only.
 #   dpo      DPO from SFT on the original pairs (dpo.py; the paper's Table 2 baseline); no rounds
+#   bilevel  the rounds with one reward model meta-trained by bilevel optimisation (bilevel_rm.py,
+#            Jia 2024) from the vanilla RM, on the in-distribution topics' pairs and SFT samples:
+#            the other answer to an RM off its distribution (compare with OOD=1). Embedded task only.
 # An arm takes modifiers after '+': eta=<x> and deploy=theta|adapted (metarm), anchor=prev|sft
 # (the PPO KL reference: pi_{k-1} or SFT), e.g. ARMS="metarm metarm+deploy=adapted vanilla+anchor=sft".
 #
@@ -53,7 +56,8 @@
 #   PPO_STEPS  PPO steps per round                                    (20)
 #   META_N     prompts sampled (k = 5 responses each) for each round's meta data; 0: all  (256)
 #   JUDGE      gold | a reward-model folder for the evaluation       (gold)
-#   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS EVAL_ARGS   extra flags for one stage
+#   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS EVAL_ARGS
+#              extra flags for one stage
 #   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (docs/scaling.md)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -91,6 +95,7 @@ PROMPTS=${PROMPTS:-$DATA/prompts_train.jsonl}
 TEST_PROMPTS=${TEST_PROMPTS:-$DATA/prompts_test.jsonl}
 OOD_PROMPTS=${OOD_PROMPTS:-$DATA/prompts_ood.jsonl}
 OOD_TEST_PROMPTS=${OOD_TEST_PROMPTS:-$DATA/prompts_ood_test.jsonl}
+ID_PROMPTS=$PROMPTS  # the training distributions' prompts (the bilevel RM's support sets)
 if [ "$OOD" = 1 ]; then PROMPTS=$OOD_PROMPTS; TEST_PROMPTS=$OOD_TEST_PROMPTS; fi
 COMMON="--strategy $DIST"
 
@@ -120,7 +125,7 @@ arm_mod() {  # arm_mod ARM KEY DEFAULT: the value of +KEY=value in the arm's nam
 }
 for A in $ARMS; do
   B=$(arm_base "$A")
-  case "$B" in metarm|vanilla|oracle|dpo) ;; *) fail "ARMS: unknown arm '$B' in '$A' (metarm, vanilla, oracle, dpo)";; esac
+  case "$B" in metarm|vanilla|oracle|dpo|bilevel) ;; *) fail "ARMS: unknown arm '$B' in '$A' (metarm, vanilla, oracle, dpo, bilevel)";; esac
   if [ "$A" != "$B" ]; then
     for m in $(echo "${A#*+}" | tr '+' ' '); do
       k=${m%%=*}; v=${m#*=}
@@ -128,13 +133,16 @@ for A in $ARMS; do
       case "$B:$k" in
         metarm:eta) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "ARMS: eta=$v in '$A' is not a number >= 0";;
         metarm:deploy) case "$v" in theta|adapted) ;; *) fail "ARMS: deploy=$v in '$A': theta or adapted";; esac;;
-        metarm:anchor|vanilla:anchor|oracle:anchor) case "$v" in prev|sft) ;; *) fail "ARMS: anchor=$v in '$A': prev or sft";; esac;;
-        *) fail "ARMS: '$k' is not a setting of the $B arm (metarm: eta, deploy, anchor; vanilla, oracle: anchor)";;
+        metarm:anchor|vanilla:anchor|oracle:anchor|bilevel:anchor) case "$v" in prev|sft) ;; *) fail "ARMS: anchor=$v in '$A': prev or sft";; esac;;
+        *) fail "ARMS: '$k' is not a setting of the $B arm (metarm: eta, deploy, anchor; vanilla, oracle, bilevel: anchor)";;
       esac
     done
   fi
   if [ "$B" = oracle ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
     fail "ARMS: the oracle arm labels with the embedded task's annotator; it needs the embedded task's data"
+  fi
+  if [ "$B" = bilevel ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
+    fail "ARMS: the bilevel arm groups the pairs into the embedded task's topics; it needs the embedded task's data"
   fi
 done
 
@@ -146,7 +154,7 @@ echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
 # What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
 # NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
 SETTINGS=$(for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
-                    TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS; do
+                    TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
              echo "$v=${!v:-}"; done)
 if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]; then
   fail "RUN_DIR=$RUN_DIR was run with other settings: $(diff <(cat "$RUN_DIR/settings") <(echo "$SETTINGS") \
@@ -199,6 +207,8 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
             --meta_grad "$META_GRAD" --output_dir "$D/rm" --seed "$SEED" ${METARM_ARGS:-} $(metarm_flags "$A");;
       vanilla)
         RM="$R/rm";;
+      bilevel)
+        RM="$R/bilevel_rm";;
       oracle)
         RM="$D/rm"
         stage "seed $SEED $A round $K: $ORACLE_PAIRS new labels on the samples" "$D/pairs.jsonl" "$D/pairs.jsonl" \
@@ -225,7 +235,7 @@ metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METAR
 }
 
 run_seed() {  # every stage of one seed, then its evaluation
-  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY A
+  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY BILEVEL_DIRTY=0 A
   RAN=0
   DIRTY=$AFTER_TASK
   stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
@@ -245,6 +255,20 @@ run_seed() {  # every stage of one seed, then its evaluation
     launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
       --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
   SAMPLE_DIRTY=$DIRTY
+  if [[ " $ARMS " == *" bilevel"* ]]; then  # one bilevel RM per seed, for every bilevel arm
+    local SUPPORT="$R/sft_samples/meta.jsonl"
+    DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
+    if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
+      SUPPORT="$R/bilevel_support/meta.jsonl"
+      stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
+        launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$ID_PROMPTS" --output_dir "$R/bilevel_support" \
+          --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+    fi
+    stage "seed $SEED: bilevel RM" "$R/bilevel_rm" "$R/bilevel_rm/DONE" \
+      launch bilevel_rm.py $COMMON --sft_dir "$R/sft" --init_rm "$R/rm" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+        --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
+    BILEVEL_DIRTY=$DIRTY  # the bilevel arms' rounds depend on it
+  fi
   for A in $ARMS; do
     if [ "$(arm_base "$A")" = dpo ]; then
       DIRTY=$SFT_DIRTY
@@ -253,6 +277,7 @@ run_seed() {  # every stage of one seed, then its evaluation
           --seed "$SEED" ${DPO_ARGS:-}
     else
       DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
+      [ "$(arm_base "$A")" != bilevel ] || DIRTY=$(( DIRTY | BILEVEL_DIRTY ))
       run_arm "$SEED" "$A"
     fi
   done

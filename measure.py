@@ -106,6 +106,13 @@ def gold_applies(prompts):
     return bool(prompts) and all(task.is_task_prompt(p) for p in prompts)
 
 
+def distribution(prompt):
+    """The embedded task's training distribution a prompt comes from: its topic, 'harmful' for a
+    harmful request, None for a prompt of no task topic (bilevel_rm.py's grouping)."""
+    topic, _, harmful = task.parse_prompt(prompt)
+    return "harmful" if harmful else topic
+
+
 def gold_scores(prompts, responses):
     return [task.gold(p, s) for p, s in zip(prompts, responses)]
 

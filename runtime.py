@@ -487,6 +487,17 @@ def rewards(model, ids, mask, params=None):
     return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
+def sequence_logps(model, ids, mask, labels, params=None):
+    """log pi(y|x) per row of a causal LM: the sum of the response tokens' log-probabilities
+    (labels != -100). With `params` (name -> tensor), at those parameters (torch.func)."""
+    kw = dict(input_ids=ids, attention_mask=mask)
+    out = model(**kw) if params is None else torch.func.functional_call(model, params, (), kw)
+    logits, target = out.logits[:, :-1], labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 kept
+    logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (target != -100)).sum(-1)
+
+
 def load_reward_model(name, tok, trained=True):
     """A one-label sequence-classification model: a trained reward model (a folder that
     reward_model.py or metarm.py wrote: sequence classification, with reward_stats.json), or,

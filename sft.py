@@ -52,15 +52,6 @@ def sft_loss_sum(logits, labels):
                            ignore_index=-100, reduction="sum")
 
 
-def collate(examples, pad_id):
-    """examples: [(prompt_ids, response_ids)] -> input_ids, attention_mask, labels (right padded)."""
-    ids, mask = data.pad([p + r for p, r in examples], pad_id, side="right")
-    labels = torch.full_like(ids, -100)
-    for i, (p, r) in enumerate(examples):
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-    return ids, mask, labels
-
-
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision)
     runtime.set_seed(args.seed)
@@ -97,7 +88,7 @@ def train(args):
         loss_sum = 0.0
         chunks = runtime.micro_batches(mine, args.micro_batch)
         for j, chunk in enumerate(chunks):
-            ids, mask, labels = (t.to(d.device) for t in collate(chunk, tok.pad_token_id))
+            ids, mask, labels = (t.to(d.device) for t in data.response_batch(chunk, tok.pad_token_id))
             with runtime.grad_sync(model, j == len(chunks) - 1), runtime.autocast(d):
                 s = sft_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
                 # DDP/FSDP average gradients over processes: scale so the result is the global mean

@@ -16,7 +16,7 @@ import pytest
 import runtime
 from conftest import ROOT
 
-STAGES = ["sft", "reward_model", "sample", "metarm", "ppo", "dpo", "gradcheck", "evaluate"]  # the order they run in
+STAGES = ["sft", "reward_model", "sample", "metarm", "bilevel_rm", "ppo", "dpo", "gradcheck", "evaluate"]  # the order they run in
 
 
 def documented_commands():

@@ -32,9 +32,9 @@ def test_sequence_logps_against_a_loop(micro, micro_sft):
     enc = data.Encoder(tok, 128)
     pairs = data.load_pairs(f"{micro['data']}/pairs_train.jsonl")[:3]
     examples = [(enc(p, w), enc(p, l)) for p, w, l, _ in pairs]
-    ids, mask, labels = dpo.collate(examples, tok.pad_token_id)
+    ids, mask, labels = data.response_batch([w for w, _ in examples] + [l for _, l in examples], tok.pad_token_id)
     with torch.no_grad():
-        got = dpo.sequence_logps(model, ids, mask, labels)
+        got = runtime.sequence_logps(model, ids, mask, labels)
         rows = [w for w, _ in examples] + [l for _, l in examples]
         for i, (p, r) in enumerate(rows):
             logits = model(input_ids=torch.tensor([p + r])).logits[0].float()

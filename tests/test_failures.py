@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import bilevel_rm
 import data
 import dpo
 import metarm
@@ -61,12 +62,14 @@ def stage_argv(micro, micro_sft, micro_rm, tmp_path, stage):
                  "--meta_batch", "2", "--max_steps", "4"],
         dpo: ["--sft_dir", micro_sft, *pairs, "--global_batch", "8", "--max_steps", "4"],
         ppo: ppo_argv(micro, micro_sft, micro_rm, tmp_path / "out", "--steps", "4"),
+        bilevel_rm: ["--sft_dir", micro_sft, "--init_rm", micro_rm, *pairs, "--support", str(meta), "--steps", "4",
+                     "--tasks_per_step", "1", "--support_prompts", "2", "--query_pairs", "4"],
     }[stage] + ["--output_dir", str(tmp_path / "out"), "--save_every", "2"]
 
 
 @pytest.mark.parametrize("stage,loss,calls_per_step", [
     (sft, "sft_loss_sum", 1), (rm, "pair_loss", 1), (metarm, "difference_loss", 2), (dpo, "dpo_loss", 1),
-    (ppo, "policy_loss", 2)])
+    (ppo, "policy_loss", 2), (bilevel_rm, "outer_loss", 1)])
 def test_injected_non_finite_loss_stops_the_stage(micro, micro_sft, micro_rm, tmp_path, monkeypatch,
                                                   stage, loss, calls_per_step):
     """Steps 1-2 are fine (a checkpoint at step 2), step 3's loss is NaN: one line naming step 3,

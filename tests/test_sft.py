@@ -20,7 +20,7 @@ def test_loss_counts_response_tokens_only(micro):
     rows = data.load_sft(os.path.join(micro["data"], "sft.jsonl"))[:5]
     enc = data.Encoder(tok, 128)
     examples = [enc(p, r) for p, r, _ in rows]
-    ids, mask, labels = sft.collate(examples, tok.pad_token_id)
+    ids, mask, labels = data.response_batch(examples, tok.pad_token_id)
     logits = model(input_ids=ids, attention_mask=mask).logits
     got = sft.sft_loss_sum(logits, labels)
     # by hand: -log p(token | everything before it), over each row's response tokens only
