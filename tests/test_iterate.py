@@ -23,6 +23,7 @@ def iterate(run_dir, micro, check=True, **extra):
            "RM_ARGS": "--max_steps 4 --global_batch 16 --eval_every 1000",
            "METARM_ARGS": "--max_steps 3 --global_batch 8 --meta_batch 2 --eval_every 1000",
            "DPO_ARGS": "--max_steps 3 --global_batch 8 --eval_every 1000",
+           "BILEVEL_ARGS": "--steps 2 --support_prompts 2 --query_pairs 4 --eval_every 1000",
            "PPO_ARGS": "--queries 4 --rollouts_per_query 2 --max_new_tokens 12",
            "SAMPLE_ARGS": "--max_new_tokens 12", "EVAL_ARGS": "--n_prompts 20 --max_new_tokens 12 --n_boot 200", **extra}
     p = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -121,6 +122,15 @@ def test_iterate_end_to_end(micro, tmp_path):
     assert ran == ["seed 1 vanilla+anchor=sft round 1: PPO from seed1/sft", "seed 1: evaluate"]
     with open(os.path.join(run_dir, "results.json")) as f:
         assert json.load(f)["config"]["settings"]["vanilla+anchor=sft"]["kl_anchor"] == "sft"
+
+    # the bilevel arm: its reward model once per seed (support sets: the SFT samples), then its rounds
+    ran, _, _ = iterate(run_dir, micro, ARMS="metarm bilevel")
+    assert ran == ["seed 1: bilevel RM", "seed 1 bilevel round 1: PPO from seed1/sft", "seed 1: evaluate"]
+    with open(os.path.join(run_dir, "results.json")) as f:
+        res = json.load(f)
+    assert res["config"]["settings"]["bilevel"]["steps"] == 2
+    assert ("bilevel/round1", "metarm/round1") in {(c["a"], c["b"]) for c in res["comparisons"]}
+    assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "bilevel"}
 
 
 @pytest.mark.parametrize("setting,message", [
