@@ -138,6 +138,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     ({"ARMS": "metarm+eta=-1"}, "eta=-1"),
     ({"ARMS": "vanilla+eta=0.1"}, "'eta' is not a setting of the vanilla arm"),
     ({"ARMS": "metarm+deploy=both"}, "deploy=both"),
+    ({"ARMS": "bilevel+eta=0.1"}, "'eta' is not a setting of the bilevel arm"),
     ({"META_GRAD": "exakt"}, "META_GRAD=exakt"),
     ({"JOBS": "0"}, "JOBS=0"),
     ({"KL_ANCHOR": "ref"}, "KL_ANCHOR=ref"),
