@@ -187,7 +187,7 @@ def train(args):
     pairs = data.load_pairs(args.data, args.skip_bad_rows)
     query = [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
     enc.report(args.data)
-    examples = data.encode_pairs(tok, pairs, args.max_len, args.truncate)  # prompt + response, for the RM's figures
+    examples = [(sum(w, []), sum(l, [])) for w, l in query]  # prompt + response joined: the RM's rows
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
     eval_examples = data.encode_pairs(tok, eval_pairs, args.max_len, args.truncate, args.eval_data)
     meta = data.load_meta(args.support, args.skip_bad_rows)
