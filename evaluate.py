@@ -474,13 +474,17 @@ def evaluate(args, d):
     res["table3"] = {"raw_data": diversity(raw), **{k: diversity(v) for k, v in texts.items()}}
 
     pairs = data.load_pairs(args.pairs)
+    measured = {}
+    def on_samples(rm, meta):  # each (RM, samples) once: round 1's samples are every arm's
+        if (rm, meta) not in measured:
+            measured[rm, meta] = rm_on_samples(rm, meta, pairs, d)
+        return measured[rm, meta]
     res["rounds"] = {}
     for a in round_arms:
         res["rounds"][a] = []
         for k in range(1, R + 1):
             meta = meta_file(run, a, k)
-            vanilla = rm_on_samples(f"{run}/rm", meta, pairs, d)
-            mine = vanilla if base(a) == "vanilla" else rm_on_samples(rm_dir(run, a, k), meta, pairs, d)
+            vanilla, mine = on_samples(f"{run}/rm", meta), on_samples(rm_dir(run, a, k), meta)
             res["rounds"][a].append({"round": k, "rm": mine, "vanilla": vanilla,
                                      "ppo_gold": [v for _, v in curve(f"{run}/{a}/round{k}/ppo", "objective/gold")]})
     ppo_runs = {"vanilla_ppo": f"{run}/ppo_vanilla",
