@@ -575,7 +575,7 @@ def markdown(res):
              "win - lose outcome (in % of prompts), with 95% intervals from a hierarchical bootstrap "
              "(seeds, then prompts within a seed; see evaluate.hierarchical_bootstrap).", ""]
     rows += ["## Verdicts", "", "| comparison | gold difference [95% CI] | win - lose, % [95% CI] | verdict |", "|---|---|---|---|"]
-    key = [c for c in res["comparisons"] if c["b"].startswith("vanilla/") or c["b"] == "sft"
+    key = [c for c in res["comparisons"] if c["b"].startswith(("vanilla/", "metarm/")) or c["b"] == "sft"
            or c["b"].split("/")[0] == c["a"].split("/")[0]]
     rows += [f"| {c['a']} vs {c['b']} | {ci(c['gold_diff'])} | {ci(c['win_minus_lose'], 1)} | {c['verdict']} |" for c in key]
     rows += ["", "## Mean judge score of each policy [95% CI]", "", "| policy | score |", "|---|---|"]
