@@ -174,3 +174,27 @@ def test_a_prompt_of_no_distribution_is_named(tmp_path):
     with pytest.raises(data.DataError, match="support.jsonl row 2: the prompt belongs to none"):
         bilevel_rm.group(rows_, "support.jsonl")
     assert measure.distribution(rows_[0][0]) == "cooking"
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(micro, micro_sft, micro_rm, support, tmp_path, monkeypatch):
+    """Stopped at step 3 (a NaN outer loss) after the step-2 checkpoint, then started again: only
+    steps 3-4 are run, and the weights are bit for bit those of a run never stopped (each step's
+    rows depend on the step alone)."""
+    from safetensors.torch import load_file
+    argv = lambda out: stage_argv(micro, micro_sft, micro_rm, support, out, "--steps", "4", "--save_every", "2")[1:]
+    bilevel_rm.main(argv(tmp_path / "whole"))
+    calls, outer = [], bilevel_rm.outer_loss
+    def poisoned(*a):
+        calls.append(1)
+        return outer(*a) * (float("nan") if len(calls) > 4 else 1.0)  # 2 distributions a step
+    monkeypatch.setattr(bilevel_rm, "outer_loss", poisoned)
+    with pytest.raises(runtime.UserError, match="step 3: non-finite"):
+        bilevel_rm.main(argv(tmp_path / "cut"))
+    calls.clear()
+    monkeypatch.setattr(bilevel_rm, "outer_loss", lambda *a: calls.append(1) or outer(*a))
+    bilevel_rm.main(argv(tmp_path / "cut"))
+    assert len(calls) == 4  # steps 3 and 4 only: steps 1 and 2 came from the checkpoint
+    whole, cut = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("whole", "cut"))
+    assert all(torch.equal(whole[n], cut[n]) for n in whole)
+    assert [r["train/L_outer"] for r in metrics(tmp_path / "cut") if "train/L_outer" in r] == \
+        [r["train/L_outer"] for r in metrics(tmp_path / "whole") if "train/L_outer" in r]
