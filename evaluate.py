@@ -27,6 +27,7 @@ matplotlib installed it also draws figure1/4/5.png and gold_per_round.png.
 """
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -228,18 +229,23 @@ class Judge:
         return measure.score_sequences(self.model, seqs, self.tok.pad_token_id, self.d).tolist()
 
 
-def rm_on_samples(rm_dir, meta_file, pairs, d):
-    """A reward model on the held-out pairs (accuracy, margin) and on a meta-data file (samples of
-    a policy, e.g. the one it will steer): J (Eq. 2), |dr| statistics, gold agreement."""
+def rm_on_samples(rm_dir, meta_files, pairs, d):
+    """A reward model, loaded once, on the held-out pairs (accuracy, margin) and on each meta-data
+    file (samples of a policy, e.g. the one it will steer): J (Eq. 2), |dr| statistics, gold
+    agreement. One result per file."""
     tok = runtime.load_tokenizer(rm_dir)
     model = runtime.load_reward_model(rm_dir, tok).to(d.device).eval()
-    out = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, 128, False), tok.pad_token_id, d)
-    if meta_file:
-        meta = data.load_meta(meta_file)
-        r = measure.score_samples(model, data.encode_meta(tok, meta, 256), tok.pad_token_id, d)
-        out["shift/J"] = float(metarm.difference_loss(r))
-        out.update(measure.shift(r, meta if measure.gold_applies([p for p, _, _ in meta]) else None))
-    return out
+    accuracy = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, 128, False), tok.pad_token_id, d)
+    results = []
+    for meta_file in meta_files:
+        out = dict(accuracy)
+        if meta_file:
+            meta = data.load_meta(meta_file)
+            r = measure.score_samples(model, data.encode_meta(tok, meta, 256), tok.pad_token_id, d)
+            out["shift/J"] = float(metarm.difference_loss(r))
+            out.update(measure.shift(r, meta if measure.gold_applies([p for p, _, _ in meta]) else None))
+        results.append(out)
+    return results
 
 
 def meta_file(run, arm, k):
@@ -261,6 +267,7 @@ def curve(run_dir, key):
 # ---------------------------------------------------------------------------------------------
 # Paired statistics: hierarchical bootstrap over seeds and prompts
 # ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)  # pure, and asked for the same (q, df) by every comparison
 def t_quantile(q, df):
     """The q-quantile of Student's t with df degrees of freedom (df = inf: the normal), by
     bisection on the CDF, itself a Simpson integral of the density (numpy has no t quantile)."""
@@ -474,17 +481,20 @@ def evaluate(args, d):
     res["table3"] = {"raw_data": diversity(raw), **{k: diversity(v) for k, v in texts.items()}}
 
     pairs = data.load_pairs(args.pairs)
-    measured = {}
-    def on_samples(rm, meta):  # each (RM, samples) once: round 1's samples are every arm's
-        if (rm, meta) not in measured:
-            measured[rm, meta] = rm_on_samples(rm, meta, pairs, d)
-        return measured[rm, meta]
+    needed = collections.defaultdict(list)  # RM -> the samples it is measured on, each pair once
+    for a in round_arms:
+        for k in range(1, R + 1):
+            for rm in (f"{run}/rm", rm_dir(run, a, k)):
+                if meta_file(run, a, k) not in needed[rm]:
+                    needed[rm].append(meta_file(run, a, k))
+    measured = {(rm, m): out for rm, metas in needed.items()  # one RM in memory at a time
+                for m, out in zip(metas, rm_on_samples(rm, metas, pairs, d))}
     res["rounds"] = {}
     for a in round_arms:
         res["rounds"][a] = []
         for k in range(1, R + 1):
             meta = meta_file(run, a, k)
-            vanilla, mine = on_samples(f"{run}/rm", meta), on_samples(rm_dir(run, a, k), meta)
+            vanilla, mine = measured[f"{run}/rm", meta], measured[rm_dir(run, a, k), meta]
             res["rounds"][a].append({"round": k, "rm": mine, "vanilla": vanilla,
                                      "ppo_gold": [v for _, v in curve(f"{run}/{a}/round{k}/ppo", "objective/gold")]})
     ppo_runs = {"vanilla_ppo": f"{run}/ppo_vanilla",
@@ -687,7 +697,7 @@ def main(argv=None):
     d = runtime.init_distributed()
     if args.measure:
         pairs = data.load_pairs(args.pairs) if args.pairs else []
-        out = rm_on_samples(args.measure, args.samples, pairs, d)
+        [out] = rm_on_samples(args.measure, [args.samples], pairs, d)
         if pairs and measure.gold_applies([p for p, _, _, _ in pairs]):
             out["eval/label_ceiling"] = measure.label_ceiling(pairs)
         d.print(json.dumps(out, indent=2))
