@@ -138,11 +138,13 @@ for A in $ARMS; do
       esac
     done
   fi
-  if [ "$B" = oracle ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
-    fail "ARMS: the oracle arm labels with the embedded task's annotator; it needs the embedded task's data"
-  fi
-  if [ "$B" = bilevel ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
-    fail "ARMS: the bilevel arm groups the pairs into the embedded task's topics; it needs the embedded task's data"
+  case "$B" in  # arms that read the embedded task itself
+    oracle) needs="labels with the embedded task's annotator";;
+    bilevel) needs="groups the pairs into the embedded task's topics";;
+    *) needs="";;
+  esac
+  if [ -n "$needs" ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
+    fail "ARMS: the $B arm $needs; it needs the embedded task's data"
   fi
 done
 
