@@ -39,8 +39,11 @@
 #   ARMS       arms, space separated (see above)                      (metarm vanilla)
 #   ROUNDS     rounds R (the paper: up to 4-5)                        (3)
 #   SEEDS      seeds, space separated, e.g. "1 2 3"                   (1)
-#   JOBS       seeds run side by side: on CPU the cores are divided    (1)
-#              between them, with GPUs each seed gets one (NPROC=1)
+#   JOBS       seeds run side by side, each logging to RUN_DIR/seed<S>.log; (1)
+#              with GPUs each seed gets one (NPROC=1)
+#   LANES      within a seed, branches that do not depend on each other (each arm, vanilla PPO;
+#              the vanilla RM and the SFT samples) run side by side, LANES at a time, each
+#              logging to RUN_DIR/seed<S>/<branch>.log  (CPU: cores / (JOBS x NPROC); GPU: 1)
 #   META_GRAD  exact | first_order | taylor                           (first_order)
 #   KL_ANCHOR  prev | sft: the KL reference of round k's PPO, pi_{k-1} or SFT; an arm's
 #              +anchor= wins (the paper does not say)                 (prev)
@@ -84,6 +87,11 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$NGPU
   [ "$NPROC" -gt 0 ] || NPROC=1
 fi
+if [ -z "${LANES:-}" ]; then
+  LANES=1  # with GPUs, one stage at a time (at 7B two do not fit)
+  [ "$NGPU" -gt 0 ] || LANES=$(( $(nproc) / (${JOBS:-1} * NPROC) ))
+  [ "$LANES" -ge 1 ] || LANES=1
+fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the default run never touches the network
 
 DATA=${DATA:-$RUN_DIR/task/data}
@@ -106,7 +114,7 @@ case "$META_GRAD" in exact|first_order|taylor) ;; *) fail "META_GRAD=$META_GRAD:
 case "$DIST" in ddp|fsdp) ;; *) fail "DIST=$DIST: use ddp or fsdp";; esac
 case "$KL_ANCHOR" in prev|sft) ;; *) fail "KL_ANCHOR=$KL_ANCHOR: use prev or sft";; esac
 case "$OOD" in 0|1) ;; *) fail "OOD=$OOD: use 0 or 1";; esac
-for v in ROUNDS JOBS PPO_STEPS NPROC ORACLE_PAIRS; do
+for v in ROUNDS JOBS LANES PPO_STEPS NPROC ORACLE_PAIRS; do
   is_int "${!v}" && [ "${!v}" -ge 1 ] || fail "$v=${!v}: a whole number >= 1"
 done
 is_int "$META_N" || fail "META_N=$META_N: a whole number (0: all prompts)"
@@ -154,7 +162,7 @@ exec 9>>"$RUN_DIR/LOCK"  # held until this script and every stage it started hav
 flock -n 9 || fail "RUN_DIR=$RUN_DIR is in use by another iterate.sh ($(cat "$RUN_DIR/LOCK")): wait for it to end, or stop it"
 echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
 # What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
-# NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
+# LANES, NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
 SETTINGS=$(for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
                     TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
              echo "$v=${!v:-}"; done)
@@ -166,6 +174,8 @@ echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_D
 
 # One process: plain python with one intra-op thread, as torchrun would set it (torchrun's own
 # start and rendezvous cost about 2 s a stage, for nothing with one process); more: torchrun.
+# Every stage process has one thread: the cores go to seeds (JOBS) and branches (LANES) side by
+# side, so the numbers a seed gives do not depend on JOBS or LANES.
 one_process() { OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -u "$@"; }
 launch() {
   if [ "$NPROC" = 1 ]; then one_process "$@"
@@ -173,19 +183,51 @@ launch() {
 }
 
 DIRTY=0
-RAN=0
-TIMES=""
+TIMES=/dev/null  # each seed's stage times, in RUN_DIR/seed<S>/stage_times
+say() { echo "$@" >&"${SAY_FD:-1}"; }  # a branch's status lines, even when its output goes to its log
 stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
   local name=$1 out=$2 marker=$3; shift 3
-  if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then echo "[skip] $name"; return 0; fi
+  if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then say "[skip] $name"; return 0; fi
   if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
   DIRTY=1
-  RAN=1
-  echo "[run ] $name"
+  say "[run ] $name"
   local t0=$SECONDS
-  "$@" || { echo "iterate.sh: stage '$name' failed (its folder: $out); fix and re-run to resume"; exit 1; }
-  TIMES="$TIMES$name: $((SECONDS - t0)) s\n"
-  echo "[done] $name ($((SECONDS - t0)) s)"
+  "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
+  echo "$name: $((SECONDS - t0)) s" >> "$TIMES"
+  say "[done] $name ($((SECONDS - t0)) s)"
+}
+will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
+  if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
+}
+
+# Background branches ignore Ctrl-C (bash does that to background jobs in a script): on INT or TERM,
+# end every process this script started (a stage stopped mid-way resumes from its checkpoint).
+kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -TERM "$1" 2>/dev/null || true; }
+trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
+
+side_by_side() {  # side_by_side SEED NAME COMMAND [NAME COMMAND ...]: the commands, LANES at a time
+  local SEED=$1 pid st failed="" log
+  shift
+  local -A name_of=()
+  while [ $# -gt 0 ] || [ "${#name_of[@]}" -gt 0 ]; do
+    if [ $# -gt 0 ] && [ -z "$failed" ] && [ "${#name_of[@]}" -lt "$LANES" ]; then
+      if [ "$LANES" = 1 ]; then
+        ( $2 ) &                       # one at a time: its output where ours goes
+      else                             # side by side: its output to its log, status lines to ours
+        log="$RUN_DIR/seed$SEED/$1.log"
+        ( BRANCH_LOG=$log SAY_FD=4; $2 ) 4>&1 > "$log" 2>&1 &
+      fi
+      name_of[$!]=$1
+      shift 2
+      continue
+    fi
+    if [ $# -gt 0 ] && [ -n "$failed" ]; then shift $#; continue; fi  # after a failure: start nothing new
+    st=0
+    wait -n -p pid || st=$?
+    [ "$st" = 0 ] || failed="$failed ${name_of[$pid]}"
+    unset "name_of[$pid]"
+  done
+  [ -z "$failed" ] || exit 1
 }
 
 run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
@@ -237,26 +279,17 @@ metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METAR
 }
 
 run_seed() {  # every stage of one seed, then its evaluation
-  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY BILEVEL_DIRTY=0 A
-  RAN=0
+  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY BILEVEL_DIRTY=0 A BRANCHES=()
+  mkdir -p "$R"
+  TIMES="$R/stage_times"
+  : > "$TIMES"
   DIRTY=$AFTER_TASK
   stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
     launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
   SFT_DIRTY=$DIRTY
-  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
-    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
-      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
-  BASE_DIRTY=$DIRTY
-  # the same PPO seed as every arm's round 1: with KL_ANCHOR either way, its first PPO_STEPS
-  # steps are the vanilla arm's round 1
-  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
-    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
-      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
-  DIRTY=$SFT_DIRTY
-  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
-    launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
-      --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
-  SAMPLE_DIRTY=$DIRTY
+  BASE_DIRTY=$(will_run "$R/rm/DONE")
+  SAMPLE_DIRTY=$(will_run "$R/sft_samples/DONE")
+  side_by_side "$SEED" rm "vanilla_rm $SEED" sft_samples "sft_samples $SEED"
   if [[ " $ARMS " == *" bilevel"* ]]; then  # one bilevel RM per seed, for every bilevel arm
     local SUPPORT="$R/sft_samples/meta.jsonl"
     DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
@@ -271,27 +304,54 @@ run_seed() {  # every stage of one seed, then its evaluation
         --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
     BILEVEL_DIRTY=$DIRTY  # the bilevel arms' rounds depend on it
   fi
-  for A in $ARMS; do
-    if [ "$(arm_base "$A")" = dpo ]; then
-      DIRTY=$SFT_DIRTY
-      stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
-        launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
-          --seed "$SEED" ${DPO_ARGS:-}
-    else
-      DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
-      [ "$(arm_base "$A")" != bilevel ] || DIRTY=$(( DIRTY | BILEVEL_DIRTY ))
-      run_arm "$SEED" "$A"
-    fi
-  done
+  for A in $ARMS; do BRANCHES+=("$A" "arm $SEED $A"); done  # the arms first: the longest branches
+  side_by_side "$SEED" "${BRANCHES[@]}" ppo_vanilla "vanilla_ppo $SEED"
   local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
-  [ "$RAN" = 0 ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
+  [ ! -s "$TIMES" ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
   [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
   DIRTY=0
   stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
     one_process evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
       --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
   echo "$key" > "$R/eval/key"
-  printf "\nseed $SEED stage times:\n$TIMES"
+  printf "\nseed $SEED stage times (also in $TIMES):\n"
+  cat "$TIMES"
+}
+
+# The branches of one seed (run_seed's variables are theirs: bash functions see their caller's).
+vanilla_rm() {
+  local SEED=$1 R="$RUN_DIR/seed$1"
+  DIRTY=$SFT_DIRTY
+  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
+    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
+}
+sft_samples() {  # round 1's meta data, shared by every arm
+  local SEED=$1 R="$RUN_DIR/seed$1"
+  DIRTY=$SFT_DIRTY
+  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
+    launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
+      --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+}
+vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
+  local SEED=$1 R="$RUN_DIR/seed$1"  # way, its first PPO_STEPS steps are the vanilla arm's round 1
+  DIRTY=$BASE_DIRTY
+  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
+    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
+      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
+}
+arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
+  local SEED=$1 A=$2 R="$RUN_DIR/seed$1"
+  if [ "$(arm_base "$A")" = dpo ]; then
+    DIRTY=$SFT_DIRTY
+    stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
+      launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
+        --seed "$SEED" ${DPO_ARGS:-}
+  else
+    DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
+    [ "$(arm_base "$A")" != bilevel ] || DIRTY=$(( DIRTY | BILEVEL_DIRTY ))
+    run_arm "$SEED" "$A"
+  fi
 }
 
 T_START=$SECONDS
@@ -303,11 +363,7 @@ AFTER_TASK=$DIRTY
 if [ "$JOBS" = 1 ]; then
   for SEED in $SEEDS; do run_seed "$SEED"; done
 else  # seeds side by side, each in its own log; the cores (or GPUs) divided between them
-  if [ "$NGPU" -gt 0 ]; then
-    NPROC=1
-  else
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
-  fi
+  [ "$NGPU" = 0 ] || NPROC=1
   declare -A SEED_OF=()
   failed=""
   reap() {  # wait for one seed to end

@@ -45,8 +45,11 @@ def test_iterate_end_to_end(micro, tmp_path):
               "seed 1 oracle round 1: 16 new labels on the samples",
               "seed 1 oracle round 1: reward model on the original + new pairs", "seed 1 oracle round 1: PPO from seed1/sft",
               "seed 1: DPO", "seed 1: evaluate"]
-    ran, skipped, out = iterate(run_dir, micro)
-    assert ran == stages and skipped == []
+    ran, skipped, out = iterate(run_dir, micro, LANES="2")  # branches side by side: any order between them
+    assert sorted(ran) == sorted(stages) and skipped == [] and ran[0] == stages[0] and ran[-1] == stages[-1]
+    for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:
+        assert os.path.getsize(os.path.join(run_dir, "seed1", f"{branch}.log")) > 0, branch
+    assert ran.index("seed 1 metarm round 1: MetaRM (first_order)") < ran.index("seed 1 metarm round 1: PPO from seed1/sft")
 
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
@@ -95,7 +98,7 @@ def test_iterate_end_to_end(micro, tmp_path):
                        "--out_dir", str(tmp_path / "sub")])
 
     ran, skipped, _ = iterate(run_dir, micro)
-    assert ran == [] and skipped == stages
+    assert ran == [] and sorted(skipped) == sorted(stages)
 
     # the same RUN_DIR with other settings is refused before any stage, and so is a second iterate.sh
     p = iterate(run_dir, micro, check=False, PPO_STEPS="3")
@@ -141,6 +144,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     ({"ARMS": "bilevel+eta=0.1"}, "'eta' is not a setting of the bilevel arm"),
     ({"META_GRAD": "exakt"}, "META_GRAD=exakt"),
     ({"JOBS": "0"}, "JOBS=0"),
+    ({"LANES": "two"}, "LANES=two"),
     ({"KL_ANCHOR": "ref"}, "KL_ANCHOR=ref"),
 ])
 def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
@@ -150,10 +154,11 @@ def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
 
 
 def test_seeds_side_by_side_equal_seeds_one_after_another(micro, tmp_path):
-    """JOBS=2 runs two seeds at once, each in its own log; the results are those of one at a time."""
+    """JOBS=2 runs two seeds at once, each in its own log; LANES=2 a seed's branches at once, each in
+    its own log: the results are the same either way."""
     few = dict(ARMS="vanilla", SEEDS="1 2")
-    iterate(str(tmp_path / "seq"), micro, **few)
-    p = iterate(str(tmp_path / "par"), micro, check=False, JOBS="2", **few)
+    iterate(str(tmp_path / "seq"), micro, JOBS="1", LANES="2", **few)
+    p = iterate(str(tmp_path / "par"), micro, check=False, JOBS="2", LANES="1", **few)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout
     assert os.path.exists(tmp_path / "par" / "seed2.log")
