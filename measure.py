@@ -19,9 +19,13 @@ import task
 
 @torch.no_grad()
 def score_sequences(model, seqs, pad_id, d, batch=64):
-    """Rewards of a list of token-id lists; every process scores a share, all get all of them."""
+    """Rewards of a list of token-id lists; every process scores a share, all get all of them.
+    For speed they are scored shortest first, so that a batch holds sequences of about one length
+    (little padding); the rewards come back in the given order."""
+    by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.zeros(len(seqs), dtype=torch.float64)
-    for idx, real in runtime.shard_batches(len(seqs), batch, d):
+    for pos, real in runtime.shard_batches(len(seqs), batch, d):
+        idx = [by_length[p] for p in pos]
         ids, mask = data.pad([seqs[i] for i in idx], pad_id)
         with runtime.autocast(d):
             r = runtime.rewards(model, ids.to(d.device), mask.to(d.device)).double().cpu()

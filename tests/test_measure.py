@@ -28,6 +28,19 @@ def test_difference_statistics_against_loops():
     assert s["hist"] == pytest.approx([h / len(diffs) for h in hist], abs=1e-4)
 
 
+def test_scores_in_the_given_order_whatever_the_batching():
+    """score_sequences batches by length; each reward is the one of the sequence scored alone."""
+    from conftest import tiny_reward_model
+    import runtime
+    model = tiny_reward_model("llama").eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(2, 20, (23,), generator=g)]
+    got = measure.score_sequences(model, seqs, 0, runtime.Dist(), batch=5)
+    with torch.no_grad():
+        alone = [float(runtime.rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))) for s in seqs]
+    assert got.tolist() == pytest.approx(alone, rel=1e-9, abs=1e-12)
+
+
 def test_gold_agreement_against_a_loop():
     r = torch.tensor([[0.0, 1.0, 1.0], [2.0, -1.0, 0.5]])
     g = torch.tensor([[1.0, 2.0, 0.0], [0.3, 0.3, 0.1]])
