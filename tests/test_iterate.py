@@ -166,3 +166,24 @@ def test_seeds_side_by_side_equal_a_seed_alone(micro, tmp_path):
     assert alone["config"]["seeds"] == [2] and par["config"]["seeds"] == [1, 2]
     assert set(par["per_seed"]) == {"1", "2"} and par["per_seed"]["1"] != par["per_seed"]["2"]
     assert alone["per_seed"]["2"] == par["per_seed"]["2"]
+
+
+def test_interrupt_ends_every_stage_started(micro, tmp_path):
+    """Ctrl-C (SIGINT) on iterate.sh ends the stages it started, background branches included (bash
+    starts those with SIGINT ignored): nothing holds RUN_DIR/LOCK afterwards."""
+    import signal
+    run_dir = str(tmp_path / "run")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN_DIR": run_dir, "MODEL": micro["base"], "DATA": micro["data"],
+           "ARMS": "vanilla", "ROUNDS": "1", "LANES": "2", "SFT_ARGS": "--max_steps 4 --global_batch 16",
+           "RM_ARGS": "--max_steps 400 --global_batch 16"}  # the vanilla RM runs long enough to be interrupted
+    p = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("[run ] seed 1: vanilla reward model"):
+            break
+    time.sleep(3)  # the RM is training, beside the SFT samples
+    p.send_signal(signal.SIGINT)
+    out = p.stdout.read()
+    assert p.wait(timeout=60) == 130 and "iterate.sh: stopped" in out, out
+    free = subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"])
+    assert free.returncode == 0, "a stage outlived iterate.sh"
+    assert not os.path.exists(os.path.join(run_dir, "seed1", "rm", "DONE"))
