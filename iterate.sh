@@ -7,6 +7,7 @@
 #     each round's worth) -> for each arm, round k = 1..R:
 #       sample from pi_{k-1} (pi_0 = SFT; round 1's samples are shared by every arm) ->
 #       that arm's reward model -> PPO from pi_{k-1} with it -> pi_k
+#     (after SFT, branches that do not read from each other run side by side: LANES)
 #     -> evaluate (every policy on the same test prompts; paired comparisons)
 #   -> results.md / results.json in RUN_DIR (paired 95% intervals over seeds and prompts)
 #
@@ -41,8 +42,8 @@
 #   SEEDS      seeds, space separated, e.g. "1 2 3"                   (1)
 #   JOBS       seeds run side by side, each logging to RUN_DIR/seed<S>.log; (1)
 #              with GPUs each seed gets one (NPROC=1)
-#   LANES      within a seed, branches that do not depend on each other (each arm, vanilla PPO;
-#              the vanilla RM and the SFT samples) run side by side, LANES at a time, each
+#   LANES      a seed's branches after SFT (the vanilla RM, the SFT samples, each arm, vanilla
+#              PPO) run side by side, LANES at a time, each once what it reads has ended and
 #              logging to RUN_DIR/seed<S>/<branch>.log  (CPU: cores / (JOBS x NPROC); GPU: 1)
 #   META_GRAD  exact | first_order | taylor                           (first_order)
 #   KL_ANCHOR  prev | sft: the KL reference of round k's PPO, pi_{k-1} or SFT; an arm's
@@ -205,26 +206,31 @@ will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
 kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -TERM "$1" 2>/dev/null || true; }
 trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
 
-side_by_side() {  # side_by_side SEED NAME COMMAND [NAME COMMAND ...]: the commands, LANES at a time
-  local SEED=$1 pid st failed="" log
-  shift
-  local -A name_of=()
-  while [ $# -gt 0 ] || [ "${#name_of[@]}" -gt 0 ]; do
-    if [ $# -gt 0 ] && [ -z "$failed" ] && [ "${#name_of[@]}" -lt "$LANES" ]; then
+side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
+  local SEED=$1 i n ready pid st failed="" log  # its NEEDS (comma separated; - for none) have ended,
+  shift                                         # LANES at a time, the first ready in the order given
+  local -a name=() needs=() command=()
+  local -A state=() name_of=()
+  while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
+  while :; do
+    for i in "${!name[@]}"; do  # start what is ready, while lanes are free (after a failure: nothing)
+      [ -z "$failed" ] && [ "${#name_of[@]}" -lt "$LANES" ] && [ -z "${state[${name[$i]}]:-}" ] || continue
+      ready=1
+      for n in ${needs[$i]//,/ }; do [ "$n" = - ] || [ "${state[$n]:-}" = done ] || ready=0; done
+      [ "$ready" = 1 ] || continue
       if [ "$LANES" = 1 ]; then
-        ( $2 ) &                       # one at a time: its output where ours goes
-      else                             # side by side: its output to its log, status lines to ours
-        log="$RUN_DIR/seed$SEED/$1.log"
-        ( BRANCH_LOG=$log SAY_FD=4; $2 ) 4>&1 > "$log" 2>&1 &
+        ( ${command[$i]} ) &             # one at a time: its output where ours goes
+      else                               # side by side: its output to its log, status lines to ours
+        log="$RUN_DIR/seed$SEED/${name[$i]}.log"
+        ( BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
       fi
-      name_of[$!]=$1
-      shift 2
-      continue
-    fi
-    if [ $# -gt 0 ] && [ -n "$failed" ]; then shift $#; continue; fi  # after a failure: start nothing new
+      state[${name[$i]}]=running
+      name_of[$!]=${name[$i]}
+    done
+    [ "${#name_of[@]}" -gt 0 ] || break
     st=0
     wait -n -p pid || st=$?
-    [ "$st" = 0 ] || failed="$failed ${name_of[$pid]}"
+    if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
     unset "name_of[$pid]"
   done
   [ -z "$failed" ] || exit 1
@@ -287,25 +293,25 @@ run_seed() {  # every stage of one seed, then its evaluation
   stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
     launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
   SFT_DIRTY=$DIRTY
+  # the branches after SFT, what each needs, and whether what it depends on is redone (DIRTY)
   BASE_DIRTY=$(will_run "$R/rm/DONE")
   SAMPLE_DIRTY=$(will_run "$R/sft_samples/DONE")
-  side_by_side "$SEED" rm "vanilla_rm $SEED" sft_samples "sft_samples $SEED"
+  BRANCHES=(rm - "vanilla_rm $SEED" sft_samples - "sft_samples $SEED")
   if [[ " $ARMS " == *" bilevel"* ]]; then  # one bilevel RM per seed, for every bilevel arm
-    local SUPPORT="$R/sft_samples/meta.jsonl"
     DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
-    if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
-      SUPPORT="$R/bilevel_support/meta.jsonl"
-      stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
-        launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$ID_PROMPTS" --output_dir "$R/bilevel_support" \
-          --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
-    fi
-    stage "seed $SEED: bilevel RM" "$R/bilevel_rm" "$R/bilevel_rm/DONE" \
-      launch bilevel_rm.py $COMMON --sft_dir "$R/sft" --init_rm "$R/rm" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
-        --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
-    BILEVEL_DIRTY=$DIRTY  # the bilevel arms' rounds depend on it
+    BILEVEL_DIRTY=$(will_run "$R/bilevel_rm/DONE")
+    [ "$PROMPTS" = "$ID_PROMPTS" ] || BILEVEL_DIRTY=$(( BILEVEL_DIRTY | $(will_run "$R/bilevel_support/DONE") ))
+    BRANCHES+=(bilevel_rm rm,sft_samples "bilevel_rm $SEED")
   fi
-  for A in $ARMS; do BRANCHES+=("$A" "arm $SEED $A"); done  # the arms first: the longest branches
-  side_by_side "$SEED" "${BRANCHES[@]}" ppo_vanilla "vanilla_ppo $SEED"
+  for A in $ARMS; do  # the arms before vanilla PPO: the longest branches first
+    case "$(arm_base "$A")" in
+      dpo) BRANCHES+=("$A" - "arm $SEED $A");;
+      vanilla) BRANCHES+=("$A" rm,sft_samples "arm $SEED $A");;
+      bilevel) BRANCHES+=("$A" bilevel_rm "arm $SEED $A");;
+      *) BRANCHES+=("$A" sft_samples "arm $SEED $A");;  # metarm, oracle: their RMs start from SFT
+    esac
+  done
+  side_by_side "$SEED" "${BRANCHES[@]}" ppo_vanilla rm "vanilla_ppo $SEED"
   local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
   [ ! -s "$TIMES" ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
   [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
@@ -333,6 +339,19 @@ sft_samples() {  # round 1's meta data, shared by every arm
     launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
       --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
 }
+bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
+  local SEED=$1 R="$RUN_DIR/seed$1" SUPPORT="$RUN_DIR/seed$1/sft_samples/meta.jsonl"
+  DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
+  if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
+    SUPPORT="$R/bilevel_support/meta.jsonl"
+    stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
+      launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$ID_PROMPTS" --output_dir "$R/bilevel_support" \
+        --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+  fi
+  stage "seed $SEED: bilevel RM" "$R/bilevel_rm" "$R/bilevel_rm/DONE" \
+    launch bilevel_rm.py $COMMON --sft_dir "$R/sft" --init_rm "$R/rm" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+      --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
+}
 vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
   local SEED=$1 R="$RUN_DIR/seed$1"  # way, its first PPO_STEPS steps are the vanilla arm's round 1
   DIRTY=$BASE_DIRTY
@@ -348,8 +367,11 @@ arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
       launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
         --seed "$SEED" ${DPO_ARGS:-}
   else
-    DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
-    [ "$(arm_base "$A")" != bilevel ] || DIRTY=$(( DIRTY | BILEVEL_DIRTY ))
+    case "$(arm_base "$A")" in
+      vanilla) DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ));;
+      bilevel) DIRTY=$BILEVEL_DIRTY;;
+      *) DIRTY=$SAMPLE_DIRTY;;
+    esac
     run_arm "$SEED" "$A"
   fi
 }

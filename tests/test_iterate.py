@@ -49,7 +49,17 @@ def test_iterate_end_to_end(micro, tmp_path):
     assert sorted(ran) == sorted(stages) and skipped == [] and ran[0] == stages[0] and ran[-1] == stages[-1]
     for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:
         assert os.path.getsize(os.path.join(run_dir, "seed1", f"{branch}.log")) > 0, branch
-    assert ran.index("seed 1 metarm round 1: MetaRM (first_order)") < ran.index("seed 1 metarm round 1: PPO from seed1/sft")
+    # each branch starts once what it reads has ended
+    events = re.findall(r"^\[(run |done)\] (.*?)(?: \(\d+ s\))?$", out, re.M)
+    at = {event: i for i, event in enumerate(events)}
+    after = {"seed 1 metarm round 1: MetaRM (first_order)": ["seed 1: sample the meta data from sft"],
+             "seed 1 oracle round 1: 16 new labels on the samples": ["seed 1: sample the meta data from sft"],
+             "seed 1 vanilla round 1: PPO from seed1/sft": ["seed 1: vanilla reward model", "seed 1: sample the meta data from sft"],
+             "seed 1: vanilla PPO (2 steps)": ["seed 1: vanilla reward model"],
+             "seed 1 metarm round 1: PPO from seed1/sft": ["seed 1 metarm round 1: MetaRM (first_order)"],
+             "seed 1: DPO": ["seed 1: sft"], "seed 1: evaluate": [s for s in stages if s != "seed 1: evaluate"]}
+    for stage, needs in after.items():
+        assert all(at[("run ", stage)] > at[("done", n)] for n in needs), (stage, events)
 
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
