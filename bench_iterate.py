@@ -1,0 +1,72 @@
+"""bench_iterate.py: how long `bash iterate.sh` takes, stage by stage, from a fresh RUN_DIR.
+
+Runs iterate.sh (this checkout's, and with --vs another checkout's, in turn: A B A B ...) in a new
+temporary RUN_DIR each time, with the settings of the environment (ARMS, ROUNDS, LANES, ...), and
+prints one table: each stage's seconds (the median over --repeats) as iterate.sh reports them
+("[done] NAME (N s)"), the whole run's wall time, and with --vs the ratio this / other taken run
+by run. A stage's own time includes waiting for the cores when branches run side by side; the
+total is what a user waits.
+
+    python bench_iterate.py                                  # the default experiment, one seed
+    python bench_iterate.py --vs ../an-older-checkout        # before / after, paired
+    ROUNDS=1 PPO_STEPS=4 python bench_iterate.py             # any iterate.sh setting
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(checkout):
+    """One fresh run: ({stage: seconds}, wall seconds)."""
+    run_dir = tempfile.mkdtemp(prefix="bench_iterate_")
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run(["bash", os.path.join(checkout, "iterate.sh")], env={**os.environ, "RUN_DIR": run_dir},
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if p.returncode:
+        raise SystemExit(f"bench_iterate.py: {checkout}/iterate.sh failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    stages = {name: int(s) for name, s in re.findall(r"^\[done\] (.*) \((\d+) s\)$", p.stdout, re.M)}
+    return stages, wall
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vs", default="", help="another checkout of this project, run in turn with this one")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each (median)")
+    args = ap.parse_args()
+    checkouts = [ROOT] + ([os.path.abspath(args.vs)] if args.vs else [])
+    runs = {c: [] for c in checkouts}
+    for _ in range(args.repeats):
+        for c in checkouts:
+            runs[c].append(run(c))
+    med = lambda xs: statistics.median(xs) if xs else float("nan")
+    names = list(dict.fromkeys(n for c in checkouts for stages, _ in runs[c] for n in stages))
+    head = ["stage", "this (s)"] + (["other (s)", "this / other"] if args.vs else [])
+    print(f"this: {ROOT}" + (f"; other: {checkouts[1]}" if args.vs else "") + f"; {args.repeats} run(s) each\n")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for n in names + ["total (wall)"]:
+        cols = []
+        for c in checkouts:
+            xs = [w if n == "total (wall)" else stages[n] for stages, w in runs[c] if n == "total (wall)" or n in stages]
+            cols.append(med(xs))
+        row = [n] + [f"{x:.0f}" for x in cols]
+        if args.vs:
+            pairs = [(a[1] if n == "total (wall)" else a[0].get(n), b[1] if n == "total (wall)" else b[0].get(n))
+                     for a, b in zip(runs[ROOT], runs[checkouts[1]])]
+            ratios = [a / b for a, b in pairs if a is not None and b]
+            row.append(f"{med(ratios):.2f}" if ratios else "")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
