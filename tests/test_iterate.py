@@ -183,7 +183,9 @@ def test_interrupt_ends_every_stage_started(micro, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN_DIR": run_dir, "MODEL": micro["base"], "DATA": micro["data"],
            "ARMS": "vanilla", "ROUNDS": "1", "LANES": "2", "SFT_ARGS": "--max_steps 4 --global_batch 16",
            "RM_ARGS": "--max_steps 400 --global_batch 16"}  # the vanilla RM runs long enough to be interrupted
-    p = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # as from a terminal: SIGINT not ignored (a test run in the background would pass it on ignored)
+    p = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith("[run ] seed 1: vanilla reward model"):
             break
@@ -194,3 +196,20 @@ def test_interrupt_ends_every_stage_started(micro, tmp_path):
     free = subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"])
     assert free.returncode == 0, "a stage outlived iterate.sh"
     assert not os.path.exists(os.path.join(run_dir, "seed1", "rm", "DONE"))
+
+
+def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, tmp_path):
+    """A stage that fails in a branch run side by side: the other running branch ends its stage, nothing
+    new starts, no evaluation; the message names the stage, its folder and its log, where the error is."""
+    run_dir = str(tmp_path / "run")
+    p = iterate(run_dir, micro, check=False, ARMS="metarm vanilla", LANES="2",
+                METARM_ARGS="--max_steps 3 --global_batch 8 --no_such_flag 1")
+    log = os.path.join(run_dir, "seed1", "metarm.log")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert (f"iterate.sh: stage 'seed 1 metarm round 1: MetaRM (first_order)' failed (its folder: "
+            f"{run_dir}/seed1/metarm/round1/rm, its output: {log}); fix and re-run to resume") in p.stdout, p.stdout
+    assert "no_such_flag" in open(log).read()
+    ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
+    done = re.findall(r"^\[done\] (.*) \(\d+ s\)$", p.stdout, re.M)
+    assert "seed 1: evaluate" not in ran and set(ran) - {"seed 1 metarm round 1: MetaRM (first_order)"} == set(done)
+    assert subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"]).returncode == 0
