@@ -2,6 +2,7 @@
 script exists and each flag is one the stage has, with a valid value (a renamed flag breaks this
 test). And the one-process commands on the default layout run, verbatim, in the order a reader
 would run them, in a folder whose runs/default/task is the micro task."""
+import concurrent.futures
 import glob
 import importlib
 import os
@@ -79,15 +80,16 @@ def test_documented_commands_run_verbatim(micro, tmp_path):
                   key=lambda c: (STAGES.index(c[0]), len(c[1])))
     assert [s for s, _ in todo].count("sft") and [s for s, _ in todo].count("evaluate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for level in sorted(set(LEVEL.values())):
-        commands = [(script, argv) for script, argv in todo if LEVEL[script] == level]
-        for pair in (commands[i:i + 2] for i in range(0, len(commands), 2)):
-            running = [(script, argv, subprocess.Popen([sys.executable, f"{script}.py", *argv], cwd=tmp_path, env=env,
-                                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-                       for script, argv in pair]
-            for script, argv, p in running:
-                out, _ = p.communicate(timeout=600)
-                assert p.returncode == 0, f"python {script}.py {' '.join(argv)}:\n{out[-5000:]}"
+
+    def run(command):
+        script, argv = command
+        p = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        return f"python {script}.py {' '.join(argv)}", p
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for level in sorted(set(LEVEL.values())):
+            for command, p in pool.map(run, [c for c in todo if LEVEL[c[0]] == level]):
+                assert p.returncode == 0, f"{command}:\n{p.stdout[-5000:]}"
 
 
 PRESET_FLAGS = {"SFT_ARGS": "sft", "RM_ARGS": "reward_model", "METARM_ARGS": "metarm", "SAMPLE_ARGS": "sample",
