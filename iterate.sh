@@ -234,6 +234,9 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
     unset "name_of[$pid]"
   done
   [ -z "$failed" ] || exit 1
+  for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
+    [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"
+  done
 }
 
 run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
