@@ -298,10 +298,12 @@ def test_cuts_are_reported(micro, micro_sft, micro_rm, tmp_path):
 # --- 7. a killed PPO run resumes to the uninterrupted run's result, bit for bit -------------------
 def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path):
     argv = lambda out: ["ppo.py", *ppo_argv(micro, micro_sft, micro_rm, out, "--steps", "6", "--save_every", "2")]
-    run_script(*argv(tmp_path / "whole"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread each: the two run side by side
+    whole = subprocess.Popen([sys.executable, *argv(tmp_path / "whole")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *argv(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stderr=subprocess.DEVNULL, env=env)
     t0 = time.time()
     while not (out / "checkpoint" / "state.json").exists():
         assert proc.poll() is None and time.time() - t0 < 300, "no checkpoint appeared"
@@ -309,7 +311,8 @@ def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not runtime.is_done(out)
-    run_script(*argv(out))
+    run_script(*argv(out), env={"OMP_NUM_THREADS": "1"})
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     a, b = weights(tmp_path / "whole"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [m["step"] for m in metrics(out)]

@@ -49,17 +49,20 @@ def test_killed_run_resumes(micro, tmp_path):
     """Kill -9 after the first checkpoint; the rerun resumes there and ends as an unbroken run."""
     args = [sys.executable, "sft.py", "--model_name_or_path", micro["base"], "--data",
             f"{micro['data']}/sft.jsonl", "--max_steps", "40", "--global_batch", "8", "--save_every", "4"]
-    subprocess.run(args + ["--output_dir", str(tmp_path / "whole")], cwd=ROOT, check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each: the unbroken run goes side by side
+    whole = subprocess.Popen(args + ["--output_dir", str(tmp_path / "whole")], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = str(tmp_path / "broken")
-    proc = subprocess.Popen(args + ["--output_dir", out], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args + ["--output_dir", out], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
         if "checkpoint: step" in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert not runtime.is_done(out), "the run finished before it was killed"
-    resumed = subprocess.run(args + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    resumed = subprocess.run(args + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout
+    assert whole.wait(timeout=600) == 0
     whole, broken = metrics(tmp_path / "whole"), metrics(out)
     assert [r["step"] for r in broken] == list(range(1, 41))
     for a, b in zip(whole, broken):
