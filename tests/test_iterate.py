@@ -123,24 +123,25 @@ def test_iterate_end_to_end(micro, tmp_path):
         holder.kill()
         holder.wait()
 
+    # one stage's DONE deleted: that stage and the ones that depend on it are redone, and only those;
+    # two arms added on the same folder (the bilevel arm: its reward model once per seed, support sets
+    # the SFT samples, then its rounds): only they run; the evaluation is redone
     stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE"))
     os.remove(os.path.join(run_dir, "seed1", "oracle", "round1", "rm", "DONE"))
-    ran, skipped, _ = iterate(run_dir, micro)
-    assert ran == ["seed 1 oracle round 1: reward model on the original + new pairs",
-                   "seed 1 oracle round 1: PPO from seed1/sft", "seed 1: evaluate"]
-    assert os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE")) == stamp
-
-    # another arm set on the same folder: only the new arms run (the bilevel arm: its reward model once per
-    # seed, support sets the SFT samples, then its rounds), the evaluation is redone
-    ran, _, _ = iterate(run_dir, micro, ARMS="metarm vanilla+anchor=sft bilevel")
-    assert sorted(ran) == sorted(["seed 1 vanilla+anchor=sft round 1: PPO from seed1/sft", "seed 1: bilevel RM",
+    ran, skipped, _ = iterate(run_dir, micro, ARMS=ARMS + " vanilla+anchor=sft bilevel")
+    assert sorted(ran) == sorted(["seed 1 oracle round 1: reward model on the original + new pairs",
+                                  "seed 1 oracle round 1: PPO from seed1/sft",
+                                  "seed 1 vanilla+anchor=sft round 1: PPO from seed1/sft", "seed 1: bilevel RM",
                                   "seed 1 bilevel round 1: PPO from seed1/sft", "seed 1: evaluate"])
+    assert ran.index("seed 1 oracle round 1: PPO from seed1/sft") > ran.index(
+        "seed 1 oracle round 1: reward model on the original + new pairs")
+    assert os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE")) == stamp
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     assert res["config"]["settings"]["vanilla+anchor=sft"]["kl_anchor"] == "sft"
     assert res["config"]["settings"]["bilevel"]["steps"] == 2
     assert ("bilevel/round1", "metarm/round1") in {(c["a"], c["b"]) for c in res["comparisons"]}
-    assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "bilevel"}
+    assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "oracle", "bilevel"}
 
 
 @pytest.mark.parametrize("setting,message", [
