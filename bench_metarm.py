@@ -13,6 +13,12 @@ randomly initialised, with random token batches of the embedded task's lengths.
 
     python bench_metarm.py                 # both models, prints a markdown table
     python bench_metarm.py --sizes tiny    # the tiny model only
+    python bench_metarm.py --parts         # also: what the exact form's extra cost is made of
+
+--parts times the pieces of `exact` against a plain f+b of J: grad J with its graph kept
+(create_graph), the f+b of L at theta' through a parameter dict, and the Hessian-vector product
+H_J v two ways, reverse over reverse (the backward of grad J . v: what `exact` does) and forward
+over reverse (torch.func.jvp of torch.func.grad), with their largest difference.
 """
 import argparse
 import statistics
@@ -82,6 +88,47 @@ def bench(size, n_pairs, m, k, eta, repeats):
     return sum(p.numel() for p in params), t
 
 
+def parts(size, n_pairs, m, k, eta, repeats):
+    """{name: [seconds per repeat]} of the exact form's pieces, and max |H v (rev) - H v (fwd)|."""
+    from torch.func import grad, jvp
+    model = model_of(size)
+    X_t, X_s = random_batch(2 * n_pairs, 1), random_batch(m * k, 2)
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    v = {n: torch.randn(p.shape, generator=g) for n, p in named.items()}
+    J_of = lambda ps: metarm.J(model, X_s, k, ps)
+
+    def leaves():
+        return {n: p.clone().requires_grad_() for n, p in named.items()}
+
+    def fb_J():
+        ps = leaves()
+        torch.autograd.grad(J_of(ps), list(ps.values()))
+
+    def grad_J_with_graph():
+        ps = leaves()
+        with metarm.twice():
+            torch.autograd.grad(J_of(ps), list(ps.values()), create_graph=True)
+
+    def fb_L_at_theta_prime():
+        ps = leaves()
+        torch.autograd.grad(metarm.L(model, X_t, ps), list(ps.values()))
+
+    def hvp_reverse():
+        ps = leaves()
+        with metarm.twice():
+            gJ = torch.autograd.grad(J_of(ps), list(ps.values()), create_graph=True)
+        return torch.autograd.grad(gJ, list(ps.values()), grad_outputs=list(v.values()))
+
+    def hvp_forward():
+        with metarm.twice():
+            return list(jvp(grad(J_of), (named,), (v,))[1].values())
+    diff = max(float((a - b).abs().max()) for a, b in zip(hvp_reverse(), hvp_forward()))
+    fs = {"f+b of J": fb_J, "grad J, graph kept": grad_J_with_graph, "f+b of L at theta'": fb_L_at_theta_prime,
+          "H_J v, reverse over reverse": hvp_reverse, "H_J v, forward over reverse": hvp_forward}
+    return timed(fs, repeats), diff
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,larger", help="comma-separated: tiny, larger")
@@ -90,6 +137,7 @@ def main():
     ap.add_argument("--k", type=int, default=5, help="responses per prompt in X_s")
     ap.add_argument("--eta", type=float, default=0.5, help="the ascent step")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median)")
+    ap.add_argument("--parts", action="store_true", help="also time the pieces of the exact form")
     args = ap.parse_args()
     print(f"one process, {torch.get_num_threads()} threads; X_t = {args.pairs} pairs, "
           f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each\n")
@@ -103,6 +151,13 @@ def main():
         print(f"| {size} | {n / 1e6:.1f}M | {med['vanilla']:.3f} | {med['meta f+b']:.3f} | {med['first_order']:.3f} | "
               f"{med['exact']:.3f} | {med['taylor']:.3f} | {ratio(t['first_order'], floor):.2f} | "
               f"{ratio(t['exact'], t['first_order']):.2f} | {ratio(t['taylor'], t['first_order']):.2f} |", flush=True)
+    if args.parts:
+        print("\n| model | piece | s | / f+b of J |\n|---|---|---|---|")
+        for size in args.sizes.split(","):
+            t, diff = parts(size, args.pairs, args.prompts, args.k, args.eta, args.repeats)
+            for name, v in t.items():
+                print(f"| {size} | {name} | {statistics.median(v):.3f} | {ratio(v, t['f+b of J']):.2f} |", flush=True)
+            print(f"| {size} | max abs difference of the two H_J v | {diff:.1e} | |", flush=True)
 
 if __name__ == "__main__":
     main()
