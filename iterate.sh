@@ -208,7 +208,8 @@ trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stoppe
 
 side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
   local SEED=$1 i n ready pid st failed="" log  # its NEEDS (comma separated; - for none) have ended,
-  shift                                         # LANES at a time, the first ready in the order given
+  shift                                         # LANES at a time, the first ready in the order given;
+  # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
   local -a name=() needs=() command=()
   local -A state=() name_of=()
   while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
@@ -218,6 +219,8 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
       ready=1
       for n in ${needs[$i]//,/ }; do [ "$n" = - ] || [ "${state[$n]:-}" = done ] || ready=0; done
       [ "$ready" = 1 ] || continue
+      DIRTY=0
+      for n in ${needs[$i]//,/ }; do DIRTY=$(( DIRTY | ${REDONE[$n]} )); done
       if [ "$LANES" = 1 ]; then
         ( ${command[$i]} ) &             # one at a time: its output where ours goes
       else                               # side by side: its output to its log, status lines to ours
@@ -289,6 +292,7 @@ metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METAR
 
 run_seed() {  # every stage of one seed, then its evaluation
   local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY BILEVEL_DIRTY=0 A BRANCHES=()
+  local -A REDONE
   mkdir -p "$R"
   TIMES="$R/stage_times"
   : > "$TIMES"
@@ -296,7 +300,7 @@ run_seed() {  # every stage of one seed, then its evaluation
   stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
     launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
   SFT_DIRTY=$DIRTY
-  # the branches after SFT, what each needs, and whether what it depends on is redone (DIRTY)
+  # the branches after SFT, what each needs, and which of them are redone in this run (REDONE)
   BASE_DIRTY=$(will_run "$R/rm/DONE")
   SAMPLE_DIRTY=$(will_run "$R/sft_samples/DONE")
   BRANCHES=(rm - "vanilla_rm $SEED" sft_samples - "sft_samples $SEED")
@@ -306,6 +310,7 @@ run_seed() {  # every stage of one seed, then its evaluation
     [ "$PROMPTS" = "$ID_PROMPTS" ] || BILEVEL_DIRTY=$(( BILEVEL_DIRTY | $(will_run "$R/bilevel_support/DONE") ))
     BRANCHES+=(bilevel_rm rm,sft_samples "bilevel_rm $SEED")
   fi
+  REDONE=([-]=$SFT_DIRTY [rm]=$BASE_DIRTY [sft_samples]=$SAMPLE_DIRTY [bilevel_rm]=$BILEVEL_DIRTY)
   for A in $ARMS; do  # the arms before vanilla PPO: the longest branches first
     case "$(arm_base "$A")" in
       dpo) BRANCHES+=("$A" - "arm $SEED $A");;
@@ -327,24 +332,22 @@ run_seed() {  # every stage of one seed, then its evaluation
   cat "$TIMES"
 }
 
-# The branches of one seed (run_seed's variables are theirs: bash functions see their caller's).
+# The branches of one seed (run_seed's variables are theirs: bash functions see their caller's;
+# side_by_side has set DIRTY from what each needs).
 vanilla_rm() {
   local SEED=$1 R="$RUN_DIR/seed$1"
-  DIRTY=$SFT_DIRTY
   stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
     launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
       --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
 }
 sft_samples() {  # round 1's meta data, shared by every arm
   local SEED=$1 R="$RUN_DIR/seed$1"
-  DIRTY=$SFT_DIRTY
   stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
     launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
       --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
 }
 bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
   local SEED=$1 R="$RUN_DIR/seed$1" SUPPORT="$RUN_DIR/seed$1/sft_samples/meta.jsonl"
-  DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
   if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
     SUPPORT="$R/bilevel_support/meta.jsonl"
     stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
@@ -357,7 +360,6 @@ bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
 }
 vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
   local SEED=$1 R="$RUN_DIR/seed$1"  # way, its first PPO_STEPS steps are the vanilla arm's round 1
-  DIRTY=$BASE_DIRTY
   stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
     launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
       --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
@@ -365,16 +367,10 @@ vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with 
 arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
   local SEED=$1 A=$2 R="$RUN_DIR/seed$1"
   if [ "$(arm_base "$A")" = dpo ]; then
-    DIRTY=$SFT_DIRTY
     stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
       launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
         --seed "$SEED" ${DPO_ARGS:-}
   else
-    case "$(arm_base "$A")" in
-      vanilla) DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ));;
-      bilevel) DIRTY=$BILEVEL_DIRTY;;
-      *) DIRTY=$SAMPLE_DIRTY;;
-    esac
     run_arm "$SEED" "$A"
   fi
 }
