@@ -23,8 +23,11 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+TOTAL = "total (wall)"
+
+
 def run(checkout):
-    """One fresh run: ({stage: seconds}, wall seconds)."""
+    """One fresh run: {stage: seconds, TOTAL: the whole run's wall seconds}."""
     run_dir = tempfile.mkdtemp(prefix="bench_iterate_")
     try:
         t0 = time.perf_counter()
@@ -36,7 +39,7 @@ def run(checkout):
     if p.returncode:
         raise SystemExit(f"bench_iterate.py: {checkout}/iterate.sh failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     stages = {name: int(s) for name, s in re.findall(r"^\[done\] (.*) \((\d+) s\)$", p.stdout, re.M)}
-    return stages, wall
+    return {**stages, TOTAL: wall}
 
 
 def main():
@@ -50,20 +53,14 @@ def main():
         for c in checkouts:
             runs[c].append(run(c))
     med = lambda xs: statistics.median(xs) if xs else float("nan")
-    names = list(dict.fromkeys(n for c in checkouts for stages, _ in runs[c] for n in stages))
+    names = list(dict.fromkeys(n for c in checkouts for times in runs[c] for n in times if n != TOTAL)) + [TOTAL]
     head = ["stage", "this (s)"] + (["other (s)", "this / other"] if args.vs else [])
     print(f"this: {ROOT}" + (f"; other: {checkouts[1]}" if args.vs else "") + f"; {args.repeats} run(s) each\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for n in names + ["total (wall)"]:
-        cols = []
-        for c in checkouts:
-            xs = [w if n == "total (wall)" else stages[n] for stages, w in runs[c] if n == "total (wall)" or n in stages]
-            cols.append(med(xs))
-        row = [n] + [f"{x:.0f}" for x in cols]
+    for n in names:
+        row = [n] + [f"{med([times[n] for times in runs[c] if n in times]):.0f}" for c in checkouts]
         if args.vs:
-            pairs = [(a[1] if n == "total (wall)" else a[0].get(n), b[1] if n == "total (wall)" else b[0].get(n))
-                     for a, b in zip(runs[ROOT], runs[checkouts[1]])]
-            ratios = [a / b for a, b in pairs if a is not None and b]
+            ratios = [a[n] / b[n] for a, b in zip(runs[ROOT], runs[checkouts[1]]) if n in a and b.get(n)]
             row.append(f"{med(ratios):.2f}" if ratios else "")
         print("| " + " | ".join(row) + " |")
 

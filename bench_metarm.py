@@ -88,7 +88,7 @@ def bench(size, n_pairs, m, k, eta, repeats):
     return sum(p.numel() for p in params), t
 
 
-def parts(size, n_pairs, m, k, eta, repeats):
+def parts(size, n_pairs, m, k, repeats):
     """{name: [seconds per repeat]} of the exact form's pieces, and max |H v (rev) - H v (fwd)|."""
     from torch.func import grad, jvp
     model = model_of(size)
@@ -154,7 +154,7 @@ def main():
     if args.parts:
         print("\n| model | piece | s | / f+b of J |\n|---|---|---|---|")
         for size in args.sizes.split(","):
-            t, diff = parts(size, args.pairs, args.prompts, args.k, args.eta, args.repeats)
+            t, diff = parts(size, args.pairs, args.prompts, args.k, args.repeats)
             for name, v in t.items():
                 print(f"| {size} | {name} | {statistics.median(v):.3f} | {ratio(v, t['f+b of J']):.2f} |", flush=True)
             print(f"| {size} | max abs difference of the two H_J v | {diff:.1e} | |", flush=True)
