@@ -14,7 +14,7 @@ import metarm
 import reward_model as rm
 import runtime
 from conftest import assert_cli_error, metrics
-from conftest import batch, clear_pairs, tiny_reward_model
+from conftest import VOCAB, batch, clear_pairs, tiny_reward_model
 
 
 def test_loss_by_hand():
@@ -61,6 +61,28 @@ def test_reward_ignores_padding(kind):
     # and in a batch with rows of other lengths, padded on either side
     ids, mask = data.pad([[3, 4], seq[0].tolist(), [8] * 9], 0, side="left")
     assert runtime.rewards(model, ids, mask)[1].item() == pytest.approx(base.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_scores_in_length_groups_equal_each_row_alone(side, monkeypatch):
+    """ScalarModel runs a batch in groups of rows of about one length, each cut after its last
+    real token: every row's scores at its real tokens, and the gradient of a loss on them, equal
+    those of the row run alone with no padding (a slow obvious loop), in float64."""
+    model = tiny_reward_model("llama")
+    monkeypatch.setattr(runtime.ScalarModel, "rows", 3)  # 8 rows: groups of 3, 3 and 2
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in [7, 2, 9, 4, 4, 11, 1, 6]]
+    ids, mask = data.pad(seqs, 0, side=side)
+    params = [p for p in model.parameters()]
+    scores = model(ids, mask)
+    real = [scores[i][mask[i].bool()] for i in range(len(seqs))]
+    grads = torch.autograd.grad(sum((r ** 2).sum() for r in real), params)
+    alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs]
+    grads_alone = torch.autograd.grad(sum((a ** 2).sum() for a in alone), params)
+    for r, a in zip(real, alone):
+        torch.testing.assert_close(r, a, rtol=1e-10, atol=1e-12)
+    for gb, ga in zip(grads, grads_alone):
+        torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
 
 
 def test_short_training_beats_chance(micro_sft, tmp_path):
