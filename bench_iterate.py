@@ -10,6 +10,7 @@ total is what a user waits.
     python bench_iterate.py                                  # the default experiment, one seed
     python bench_iterate.py --vs ../an-older-checkout        # before / after, paired
     ROUNDS=1 PPO_STEPS=4 python bench_iterate.py             # any iterate.sh setting
+    python bench_iterate.py --vs ../older --keep /tmp/runs   # and keep the run folders (to compare results)
 """
 import argparse
 import os
@@ -26,19 +27,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TOTAL = "total (wall)"
 
 
-def run(checkout):
-    """One fresh run: {stage: seconds, TOTAL: the whole run's wall seconds}."""
-    run_dir = tempfile.mkdtemp(prefix="bench_iterate_")
+def run(checkout, keep=""):
+    """One fresh run: {stage: seconds, TOTAL: the whole run's wall seconds}. keep: a folder in
+    which the run folder is left (else it is deleted)."""
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix=f"bench_iterate_{os.path.basename(checkout)}_", dir=keep or None)
     try:
         t0 = time.perf_counter()
         p = subprocess.run(["bash", os.path.join(checkout, "iterate.sh")], env={**os.environ, "RUN_DIR": run_dir},
                            capture_output=True, text=True)
         wall = time.perf_counter() - t0
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
     if p.returncode:
         raise SystemExit(f"bench_iterate.py: {checkout}/iterate.sh failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    stages = {name: int(s) for name, s in re.findall(r"^\[done\] (.*) \((\d+) s\)$", p.stdout, re.M)}
+    stages = {name: int(s) for name, s in re.findall(r"^\[done\] (.*) \((\d+) s(?:, \d+ thread\(s\))?\)$", p.stdout, re.M)}
     return {**stages, TOTAL: wall}
 
 
@@ -46,12 +51,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vs", default="", help="another checkout of this project, run in turn with this one")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each (median)")
+    ap.add_argument("--keep", default="", help="leave each run's folder in this folder (default: delete them)")
     args = ap.parse_args()
     checkouts = [ROOT] + ([os.path.abspath(args.vs)] if args.vs else [])
     runs = {c: [] for c in checkouts}
     for _ in range(args.repeats):
         for c in checkouts:
-            runs[c].append(run(c))
+            runs[c].append(run(c, args.keep))
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     names = list(dict.fromkeys(n for c in checkouts for times in runs[c] for n in times if n != TOTAL)) + [TOTAL]
     head = ["stage", "this (s)"] + (["other (s)", "this / other"] if args.vs else [])

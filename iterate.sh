@@ -88,11 +88,10 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$NGPU
   [ "$NPROC" -gt 0 ] || NPROC=1
 fi
-if [ -z "${LANES:-}" ]; then
-  LANES=1  # with GPUs, one stage at a time (at 7B two do not fit)
-  [ "$NGPU" -gt 0 ] || LANES=$(( $(nproc) / (${JOBS:-1} * NPROC) ))
-  [ "$LANES" -ge 1 ] || LANES=1
-fi
+SHARE=1  # a seed's share of the cores (CPU): the threads of a stage that runs alone (threads)
+[ "$NGPU" -gt 0 ] || SHARE=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / (${JOBS:-1} * NPROC) ))
+[ "$SHARE" -ge 1 ] || SHARE=1
+LANES=${LANES:-$SHARE}  # with GPUs, one stage at a time (at 7B two do not fit)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the default run never touches the network
 
 DATA=${DATA:-$RUN_DIR/task/data}
@@ -173,11 +172,9 @@ if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]
 fi
 echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
 
-# One process: plain python with one intra-op thread, as torchrun would set it (torchrun's own
-# start and rendezvous cost about 2 s a stage, for nothing with one process); more: torchrun.
-# Every stage process has one thread: the cores go to seeds (JOBS) and branches (LANES) side by
-# side, so the numbers a seed gives do not depend on JOBS or LANES.
-one_process() { OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -u "$@"; }
+# One process: plain python (torchrun's own start and rendezvous cost about 2 s a stage, for
+# nothing with one process); more: torchrun.
+one_process() { python -u "$@"; }
 launch() {
   if [ "$NPROC" = 1 ]; then one_process "$@"
   else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
@@ -192,10 +189,19 @@ stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
   if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
   DIRTY=1
   say "[run ] $name"
-  local t0=$SECONDS
-  "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
-  echo "$name: $((SECONDS - t0)) s" >> "$TIMES"
-  say "[done] $name ($((SECONDS - t0)) s)"
+  local t0=$SECONDS threads
+  threads=${OMP_NUM_THREADS:-$(threads)}
+  OMP_NUM_THREADS=$threads "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
+  echo "$name: $((SECONDS - t0)) s, $threads thread(s)" >> "$TIMES"
+  say "[done] $name ($((SECONDS - t0)) s, $threads thread(s))"
+}
+# A stage's intra-op threads (per process). The cores go to seeds (JOBS) and branches (LANES) side
+# by side, one thread per stage; a stage that runs alone - SFT, the evaluation, and a branch's
+# stages once no other branch of its seed runs or waits (side_by_side names that branch in ALONE)
+# - takes the seed's whole share, SHARE. The threads change the time, not the numbers: on the
+# machines we measured, every stage gives the same bits with 1 or 2 (tests/test_iterate.py).
+threads() {
+  if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
 }
 will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
   if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
@@ -207,9 +213,10 @@ kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill 
 trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
 
 side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
-  local SEED=$1 i n ready pid st failed="" log  # its NEEDS (comma separated; - for none) have ended,
-  shift                                         # LANES at a time, the first ready in the order given;
+  local SEED=$1 i n ready pid st failed="" log waiting ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
+  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given;
   # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
+  rm -f "$ALONE"
   local -a name=() needs=() command=()
   local -A state=() name_of=()
   while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
@@ -225,17 +232,23 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
         ( ${command[$i]} ) &             # one at a time: its output where ours goes
       else                               # side by side: its output to its log, status lines to ours
         log="$RUN_DIR/seed$SEED/${name[$i]}.log"
-        ( BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
+        ( BRANCH=${name[$i]} BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
       fi
       state[${name[$i]}]=running
       name_of[$!]=${name[$i]}
     done
     [ "${#name_of[@]}" -gt 0 ] || break
+    waiting=0
+    for i in "${!name[@]}"; do [ -n "${state[${name[$i]}]:-}" ] || waiting=1; done
+    if [ "${#name_of[@]}" = 1 ] && [ "$waiting" = 0 ]; then  # the last branch: the seed's cores are its
+      echo "${name_of[@]}" > "$ALONE.tmp" && mv "$ALONE.tmp" "$ALONE"
+    fi
     st=0
     wait -n -p pid || st=$?
     if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
     unset "name_of[$pid]"
   done
+  rm -f "$ALONE"
   [ -z "$failed" ] || exit 1
   for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
     [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"

@@ -50,7 +50,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:
         assert os.path.getsize(os.path.join(run_dir, "seed1", f"{branch}.log")) > 0, branch
     # each branch starts once what it reads has ended
-    events = re.findall(r"^\[(run |done)\] (.*?)(?: \(\d+ s\))?$", out, re.M)
+    events = re.findall(r"^\[(run |done)\] (.*?)(?: \(\d+ s, \d+ thread\(s\)\))?$", out, re.M)
     at = {event: i for i, event in enumerate(events)}
     after = {"seed 1 metarm round 1: MetaRM (first_order)": ["seed 1: sample the meta data from sft"],
              "seed 1 oracle round 1: 16 new labels on the samples": ["seed 1: sample the meta data from sft"],
@@ -60,6 +60,11 @@ def test_iterate_end_to_end(micro, tmp_path):
              "seed 1: DPO": ["seed 1: sft"], "seed 1: evaluate": [s for s in stages if s != "seed 1: evaluate"]}
     for stage, needs in after.items():
         assert all(at[("run ", stage)] > at[("done", n)] for n in needs), (stage, events)
+    # one thread beside other branches; the seed's cores (here all) when alone: SFT, the evaluation
+    threads = dict(re.findall(r"^\[done\] (.*) \(\d+ s, (\d+) thread\(s\)\)$", out, re.M))
+    cores = str(len(os.sched_getaffinity(0)))
+    assert threads["seed 1: sft"] == threads["seed 1: evaluate"] == cores, threads
+    assert threads["seed 1 metarm round 1: MetaRM (first_order)"] == "1", threads  # DPO, vanilla PPO wait
 
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
@@ -163,7 +168,8 @@ def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
 
 def test_seeds_side_by_side_equal_a_seed_alone(micro, tmp_path):
     """JOBS=2 runs two seeds at once, each in its own log, here with LANES=1 (a seed's branches one
-    at a time); seed 2 run alone with LANES=2 (its branches side by side): the same results."""
+    at a time, one thread each on 2 cores); seed 2 run alone with LANES=2 (its branches side by
+    side; SFT, the evaluation and the last branch with all the cores): the same results."""
     iterate(str(tmp_path / "alone"), micro, ARMS="vanilla", SEEDS="2", JOBS="1", LANES="2")
     p = iterate(str(tmp_path / "par"), micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -211,6 +217,6 @@ def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, tmp_path):
             f"{run_dir}/seed1/metarm/round1/rm, its output: {log}); fix and re-run to resume") in p.stdout, p.stdout
     assert "no_such_flag" in open(log).read()
     ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
-    done = re.findall(r"^\[done\] (.*) \(\d+ s\)$", p.stdout, re.M)
+    done = re.findall(r"^\[done\] (.*) \(\d+ s, \d+ thread\(s\)\)$", p.stdout, re.M)
     assert "seed 1: evaluate" not in ran and set(ran) - {"seed 1 metarm round 1: MetaRM (first_order)"} == set(done)
     assert subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"]).returncode == 0
