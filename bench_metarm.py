@@ -14,6 +14,7 @@ randomly initialised, with random token batches of the embedded task's lengths.
     python bench_metarm.py                 # both models, prints a markdown table
     python bench_metarm.py --sizes tiny    # the tiny model only
     python bench_metarm.py --parts         # also: what the exact form's extra cost is made of
+    python bench_metarm.py --rows 0        # the reward model without its length groups (padding kept)
 
 --parts times the pieces of `exact` against a plain f+b of J: grad J with its graph kept
 (create_graph), the f+b of L at theta' through a parameter dict, and the Hessian-vector product
@@ -138,9 +139,13 @@ def main():
     ap.add_argument("--eta", type=float, default=0.5, help="the ascent step")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median)")
     ap.add_argument("--parts", action="store_true", help="also time the pieces of the exact form")
+    ap.add_argument("--rows", type=int, default=runtime.ScalarModel.rows,
+                    help="rows per length group of the reward model (runtime.ScalarModel; 0: one group, padding kept)")
     args = ap.parse_args()
+    runtime.ScalarModel.rows = args.rows or 10**9
     print(f"one process, {torch.get_num_threads()} threads; X_t = {args.pairs} pairs, "
-          f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each\n")
+          f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each; "
+          f"reward-model length groups of {args.rows or 'all'} rows\n")
     print("| model | parameters | vanilla (s) | meta f+b (s) | first_order (s) | exact (s) | taylor (s) "
           "| first_order / floor | exact / first_order | taylor / first_order |")
     print("|---|---|---|---|---|---|---|---|---|---|")
