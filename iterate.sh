@@ -199,7 +199,7 @@ stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
 # by side, one thread per stage; a stage that runs alone - SFT, the evaluation, and a branch's
 # stages once no other branch of its seed runs or waits (side_by_side names that branch in ALONE)
 # - takes the seed's whole share, SHARE. The threads change the time, not the numbers: on the
-# machines we measured, every stage gives the same bits with 1 or 2 (tests/test_iterate.py).
+# machines measured, every stage gives the same bits with 1 or 2 threads (tests/test_iterate.py).
 threads() {
   if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
 }
