@@ -213,7 +213,7 @@ kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill 
 trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
 
 side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
-  local SEED=$1 i n ready pid st failed="" log waiting ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
+  local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
   shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given;
   # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
   rm -f "$ALONE"
@@ -238,9 +238,8 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
       name_of[$!]=${name[$i]}
     done
     [ "${#name_of[@]}" -gt 0 ] || break
-    waiting=0
-    for i in "${!name[@]}"; do [ -n "${state[${name[$i]}]:-}" ] || waiting=1; done
-    if [ "${#name_of[@]}" = 1 ] && [ "$waiting" = 0 ]; then  # the last branch: the seed's cores are its
+    if [ "${#name_of[@]}" = 1 ] && [ "${#state[@]}" = "${#name[@]}" ]; then  # the last branch (every one
+      # started, one running): the seed's cores are its
       echo "${name_of[@]}" > "$ALONE.tmp" && mv "$ALONE.tmp" "$ALONE"
     fi
     st=0
