@@ -477,10 +477,10 @@ class ScalarModel(torch.nn.Module):
             ids, mask = input_ids[group, :T], attention_mask[group, :T]
             h = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
             parts.append(torch.nn.functional.pad(self.hf.score(h)[..., 0], (0, input_ids.shape[1] - T)))
-        scores = torch.cat(parts)[torch.argsort(by_length)]  # back in the given order
-        # a new tensor, not a view of the head's output (FSDP2 warns that in-place changes to a
-        # view would bypass it); bf16 -> fp32, fp32 and fp64 kept
-        return scores.to(torch.promote_types(scores.dtype, torch.float32), copy=True)
+        # back in the given order: indexing makes a new tensor, not a view of the head's output
+        # (FSDP2 warns that in-place changes to a view would bypass it); bf16 -> fp32, fp32 and fp64 kept
+        scores = torch.cat(parts)[torch.argsort(by_length)]
+        return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
 def positions(mask):
