@@ -169,7 +169,8 @@ def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
 def test_seeds_side_by_side_equal_a_seed_alone(micro, tmp_path):
     """JOBS=2 runs two seeds at once, each in its own log, here with LANES=1 (a seed's branches one
     at a time, one thread each on 2 cores); seed 2 run alone with LANES=2 (its branches side by
-    side; SFT, the evaluation and the last branch with all the cores): the same results."""
+    side; SFT, the evaluation, and any stage the last branch starts alone, with all the cores): the
+    same results."""
     iterate(str(tmp_path / "alone"), micro, ARMS="vanilla", SEEDS="2", JOBS="1", LANES="2")
     p = iterate(str(tmp_path / "par"), micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")
     assert p.returncode == 0, p.stdout + p.stderr
