@@ -69,7 +69,7 @@ class Args:
     seed: int = arg(1, "seed for the distributions and rows of each step")
     save_every: int = arg(25, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (ddp only: the hypergradient is second order)", ["ddp", "fsdp"])
-    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def step_rows(rows, want, step, seed, salt):
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision)
+    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     if d.world > 1 and args.strategy == "fsdp":
         raise runtime.UserError("bilevel_rm.py differentiates through the policy's inner gradient steps: "
                                 "FSDP2 frees the gathered weights after backward; use --strategy ddp")

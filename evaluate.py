@@ -63,6 +63,7 @@ class Args:
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
     n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals")
     out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
     measure: str = arg("", "only measure this saved reward model: accuracy on --pairs, and on --samples J, |dr| and gold agreement")
     samples: str = arg("", "with --measure: k samples per prompt (a meta.jsonl, e.g. sample.py's)")
 
@@ -201,10 +202,11 @@ def responses(policy_dir, prompts, args, cache, d):
     torch.manual_seed(args.seed)
     tok = runtime.load_tokenizer(policy_dir)
     model = runtime.load_causal_lm(policy_dir, tok).to(d.device).eval()
-    enc = data.Encoder(tok, 10**9)
+    max_len, truncate = trained_lengths(policy_dir, tok, "max_prompt_len")
+    ids = data.encode_prompts(tok, prompts, max_len, truncate, args.prompts)
     out = []
     for i in range(0, len(prompts), 64):
-        out += data.decode_responses(tok, sample.generate(model, tok, [enc.prompt(p) for p in prompts[i:i + 64]], args, d))
+        out += data.decode_responses(tok, sample.generate(model, tok, ids[i:i + 64], args, d))
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".tmp", "w") as f:
         f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, out))
@@ -224,9 +226,24 @@ class Judge:
     def __call__(self, prompts, texts):
         if self.name == "gold":
             return measure.gold_scores(prompts, texts)
-        enc = data.Encoder(self.tok, 10**9)
-        seqs = [sum(enc(p, t), []) for p, t in zip(prompts, texts)]
+        enc = data.Encoder(self.tok, trained_lengths(self.name, self.tok)[0], truncate=True)  # judge all, cut
+        seqs = [sum(enc(p, t, f"{self.name}: test prompt {i + 1}"), []) for i, (p, t) in enumerate(zip(prompts, texts))]
         return measure.score_sequences(self.model, seqs, self.tok.pad_token_id, self.d).tolist()
+
+
+def trained_lengths(folder, tok, key="max_len"):
+    """(max length, truncate) of the stage that wrote a model folder, from its args.json (a PPO
+    snapshot, <run>/step<N>, reads its run's): a model is measured on what it was trained to read.
+    key: "max_prompt_len" for a policy's prompts (PPO, sample.py), else the whole sequence ("max_len":
+    SFT, DPO, every reward model). A model from elsewhere: its tokenizer's limit, cutting."""
+    for path in (folder, os.path.dirname(folder.rstrip("/"))):
+        f = os.path.join(path, "args.json")
+        if os.path.isfile(f):
+            args = runtime.read_json(f)
+            if key in args or "max_len" in args:
+                return args.get(key, args.get("max_len")), bool(args.get("truncate", False))
+    limit = tok.model_max_length if 0 < tok.model_max_length < 10**6 else 10**6
+    return limit, True
 
 
 def rm_on_samples(rm_dir, meta_files, pairs, d):
@@ -235,13 +252,14 @@ def rm_on_samples(rm_dir, meta_files, pairs, d):
     agreement. One result per file."""
     tok = runtime.load_tokenizer(rm_dir)
     model = runtime.load_reward_model(rm_dir, tok).to(d.device).eval()
-    accuracy = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, 128, False), tok.pad_token_id, d)
+    max_len, truncate = trained_lengths(rm_dir, tok)
+    accuracy = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, max_len, truncate), tok.pad_token_id, d)
     results = []
     for meta_file in meta_files:
         out = dict(accuracy)
         if meta_file:
             meta = data.load_meta(meta_file)
-            r = measure.score_samples(model, data.encode_meta(tok, meta, 256), tok.pad_token_id, d)
+            r = measure.score_samples(model, data.encode_meta(tok, meta, max_len), tok.pad_token_id, d)
             out["shift/J"] = float(metarm.difference_loss(r))
             out.update(measure.shift(r, meta if measure.gold_applies([p for p, _, _ in meta]) else None))
         results.append(out)
@@ -472,7 +490,7 @@ def evaluate(args, d):
         empty[name] = [not t.strip() for t in texts[name]]
 
     res = {"config": {"rounds": R, "arms": arms, "ppo_steps": steps, "prompts": len(prompts), "judge": args.judge,
-                      "tie_margin": args.tie_margin, "settings": {a: arm_settings(run, a) for a in arms}},
+                      "tie_margin": args.tie_margin, "precision": d.precision_why, "settings": {a: arm_settings(run, a) for a in arms}},
            "judge_mean": {k: sum(v) / len(v) for k, v in scores.items()}, "scores": scores, "empty": empty}
     wtl = lambda a, b: win_tie_lose(scores[a], scores[b], args.tie_margin, empty[a], empty[b])
     round_arms = [a for a in arms if base(a) != "dpo"]
@@ -694,7 +712,8 @@ def save(res, out_dir):
 
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed()
+    d = runtime.init_distributed(precision=args.precision,
+                                 model=args.measure or os.path.join(args.run_dir, "sft"))
     if args.measure:
         pairs = data.load_pairs(args.pairs) if args.pairs else []
         [out] = rm_on_samples(args.measure, [args.samples], pairs, d)

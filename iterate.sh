@@ -62,7 +62,9 @@
 #   JUDGE      gold | a reward-model folder for the evaluation       (gold)
 #   SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS EVAL_ARGS
 #              extra flags for one stage
-#   PRESET     llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (docs/scaling.md)
+#   TASK_ARGS  extra flags for task.py (the embedded task), e.g. --base smollm2
+#   PRESET     smollm2: the embedded task on a pretrained base (SmolLM2-135M-Instruct, offline);
+#              llama2-7b-hh | llama2-7b-tldr: the paper's settings at 7B (docs/scaling.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -163,7 +165,8 @@ flock -n 9 || fail "RUN_DIR=$RUN_DIR is in use by another iterate.sh ($(cat "$RU
 echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
 # What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
 # LANES, NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
-SETTINGS=$(for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
+SETTINGS=$( [ -z "${TASK_ARGS:-}" ] || echo "TASK_ARGS=$TASK_ARGS"  # (absent when empty: older RUN_DIRs still match)
+           for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
                     TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
              echo "$v=${!v:-}"; done)
 if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]; then
@@ -389,7 +392,7 @@ arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
 
 T_START=$SECONDS
 if [ "$MODEL" = "$RUN_DIR/task/base_model" ] || [ "$DATA" = "$RUN_DIR/task/data" ]; then
-  stage "task" "$RUN_DIR/task" "$RUN_DIR/task/DONE" python task.py --out_dir "$RUN_DIR/task"
+  stage "task" "$RUN_DIR/task" "$RUN_DIR/task/DONE" python task.py --out_dir "$RUN_DIR/task" ${TASK_ARGS:-}
 fi
 AFTER_TASK=$DIRTY
 

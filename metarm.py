@@ -61,7 +61,7 @@ class Args:
     seed: int = arg(1, "seed for the score head and the data order")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
-    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
     deploy: str = arg("theta", "which RM to save: 'theta' = Algorithm 1's last line, theta itself; 'adapted' = "
                       "theta + eta grad J(theta; S), the meta-process applied once more on all of S (an option of "
@@ -199,7 +199,7 @@ def adapt(model, samples, pad_id, args, d):
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision)
+    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     refuse_unsupported(args, d)
     runtime.set_seed(args.seed)
     run = runtime.Run.open(args.output_dir, args, d)

@@ -76,7 +76,7 @@ class Args:
     seed: int = arg(1, "seed for query order and sampling")
     save_every: int = arg(10, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -90,11 +90,12 @@ def generate(policy, tok, prompt_ids, args, d):
     with PAD after its EOS, so PAD never hides a real EOS."""
     query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
     query, qmask = query.to(d.device), qmask.to(d.device)
-    out = runtime.unwrap(policy).generate(
-        input_ids=query, attention_mask=qmask, do_sample=True, temperature=args.temperature,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
+    with runtime.autocast(d):
+        out = runtime.unwrap(policy).generate(
+            input_ids=query, attention_mask=qmask, do_sample=True, temperature=args.temperature,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
     return query, out[:, query.shape[1]:]
 
 
@@ -384,7 +385,7 @@ def train(args, d):
 
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
-    train(args, runtime.init_distributed(args.strategy, args.precision))
+    train(args, runtime.init_distributed(args.strategy, args.precision, args.policy_dir))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Args:
     seed: int = arg(1, "seed for the score head and the data order")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -61,7 +61,7 @@ def pair_loss(r_w, r_l):
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision)
+    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     runtime.set_seed(args.seed)
     run = runtime.Run.open(args.output_dir, args, d)
     if run is None:  # done, with these settings

@@ -38,7 +38,7 @@ class Args:
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
     seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)")
     strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
-    precision: str = arg("auto", "bf16 on GPU, fp32 on CPU", ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
 
 
 @torch.no_grad()
@@ -47,11 +47,12 @@ def generate(model, tok, prompt_ids, s, d):
     prompt_ids: list of id lists, left-padded here so that every response starts at the same
     column. Returns the response ids, padded with PAD after their EOS."""
     query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
-    out = runtime.unwrap(model).generate(
-        input_ids=query.to(d.device), attention_mask=qmask.to(d.device), do_sample=True,
-        temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-        max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
+    with runtime.autocast(d):
+        out = runtime.unwrap(model).generate(
+            input_ids=query.to(d.device), attention_mask=qmask.to(d.device), do_sample=True,
+            temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+            max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
     return out[:, query.shape[1]:]
 
 
@@ -75,7 +76,7 @@ def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
 
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed(args.strategy, args.precision)
+    d = runtime.init_distributed(args.strategy, args.precision, args.policy_dir)
     run = runtime.Run.open(args.output_dir, args, d)
     if run is None:  # done, with these settings
         return

