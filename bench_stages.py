@@ -8,6 +8,10 @@ memory plan: PPO with its four models of N parameters each.
 
     python bench_stages.py                                   # the tiny default
     python bench_stages.py --hidden 2048 --layers 16 --intermediate 5504 --heads 16 --only ppo
+    python bench_stages.py --from_run runs/smollm2/seed1     # a finished iterate.sh seed, stage by stage
+
+--from_run reads a seed's run folders instead (each stage's DONE: wall time, precision, the peak
+resident memory of its process) and iterate.sh's stage_times.
 """
 import argparse
 import json
@@ -37,6 +41,39 @@ def summary(run_dir, key):
     return len(rows) + 1, t, peak, held
 
 
+def from_run(seed_dir):
+    """The table of one finished iterate.sh seed: per stage, iterate.sh's wall time (with the
+    threads it had), the stage's own time and precision, and its process's peak memory."""
+    times = {}
+    with open(os.path.join(seed_dir, "stage_times")) as f:
+        for line in f:
+            name, _, rest = line.rpartition(": ")
+            times[name] = rest.strip()
+    print("| stage | wall (iterate.sh) | in the stage (s) | peak memory (GiB) | precision |")
+    print("|---|---|---|---|---|")
+    done = {}
+    for root, _, files in os.walk(seed_dir):
+        if "DONE" in files and "args.json" in files:
+            with open(os.path.join(root, "DONE")) as f:
+                done[os.path.relpath(root, seed_dir)] = json.load(f)
+    for name, wall in times.items():
+        folder = next((k for k in sorted(done, key=len, reverse=True) if name_matches(name, k)), None)
+        d = done.get(folder, {})
+        print(f"| {name} | {wall} | {d.get('wall_time_s', '')} | {d.get('peak_rss_gb', '')} | "
+              f"{d.get('precision', '').split(' (')[0]} |")
+
+
+def name_matches(stage, folder):
+    """iterate.sh's stage names against run folders: 'seed 1 metarm round 2: MetaRM' is metarm/round2/rm."""
+    parts = folder.split("/")
+    if len(parts) == 3:
+        arm, rnd, what = parts
+        kind = {"rm": ("MetaRM", "reward model"), "ppo": ("PPO",), "samples": ("sample",)}.get(what, ())
+        return f" {arm} {rnd.replace('round', 'round ')}:" in stage and any(k in stage for k in kind)
+    return {"sft": ": sft", "rm": "vanilla reward model", "sft_samples": "sample the meta data from sft",
+            "ppo_vanilla": "vanilla PPO", "dpo": ": DPO", "bilevel_rm": "bilevel RM"}.get(folder, "\0") in stage
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=128)
@@ -46,7 +83,10 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--only", default="sft,rm,metarm_first_order,metarm_exact,ppo")
     ap.add_argument("--out", default="")
+    ap.add_argument("--from_run", default="", help="instead: the table of a finished iterate.sh seed folder")
     args = ap.parse_args()
+    if args.from_run:
+        return from_run(args.from_run)
     out = args.out or tempfile.mkdtemp()
     data, base = f"{out}/task/data", f"{out}/task/base_model"
     if not os.path.exists(base):

@@ -63,6 +63,7 @@ class Args:
     seeds: str = arg("1", "with --aggregate: the seeds, space separated")
     n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals")
     out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
+    skip_bad_rows: bool = arg(False, "skip malformed rows of --prompts, --pairs and --raw_pairs (counted and reported) instead of stopping")
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
     measure: str = arg("", "only measure this saved reward model: accuracy on --pairs, and on --samples J, |dr| and gold agreement")
     samples: str = arg("", "with --measure: k samples per prompt (a meta.jsonl, e.g. sample.py's)")
@@ -477,7 +478,7 @@ def arm_settings(run, arm):
 
 def evaluate(args, d):
     R, run, arms = args.rounds, args.run_dir, args.arms.split()
-    prompts = [p for p, _ in data.load_prompts(args.prompts)][:args.n_prompts]
+    prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)][:args.n_prompts]
     if args.judge == "gold" and not measure.gold_applies(prompts):
         raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
                                 "prompts: pass --judge <a reward-model folder> (iterate.sh: JUDGE=...)")
@@ -495,10 +496,10 @@ def evaluate(args, d):
     wtl = lambda a, b: win_tie_lose(scores[a], scores[b], args.tie_margin, empty[a], empty[b])
     round_arms = [a for a in arms if base(a) != "dpo"]
     res["table1"] = {a: [{"round": k, **wtl(f"{a}/round{k}", "sft")} for k in range(1, R + 1)] for a in round_arms}
-    raw = [w for _, w, _, _ in data.load_pairs(args.raw_pairs)][:len(prompts)]
+    raw = [w for _, w, _, _ in data.load_pairs(args.raw_pairs, args.skip_bad_rows)][:len(prompts)]
     res["table3"] = {"raw_data": diversity(raw), **{k: diversity(v) for k, v in texts.items()}}
 
-    pairs = data.load_pairs(args.pairs)
+    pairs = data.load_pairs(args.pairs, args.skip_bad_rows)
     needed = collections.defaultdict(list)  # RM -> the samples it is measured on, each pair once
     for a in round_arms:
         for k in range(1, R + 1):
@@ -715,7 +716,7 @@ def main(argv=None):
     d = runtime.init_distributed(precision=args.precision,
                                  model=args.measure or os.path.join(args.run_dir, "sft"))
     if args.measure:
-        pairs = data.load_pairs(args.pairs) if args.pairs else []
+        pairs = data.load_pairs(args.pairs, args.skip_bad_rows) if args.pairs else []
         [out] = rm_on_samples(args.measure, [args.samples], pairs, d)
         if pairs and measure.gold_applies([p for p, _, _, _ in pairs]):
             out["eval/label_ceiling"] = measure.label_ceiling(pairs)

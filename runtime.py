@@ -827,7 +827,8 @@ class Run:
         """Write DONE (the summary and the settings it stands for) last: its presence means
         everything else in the folder is complete. The checkpoint goes only after it."""
         if self.d.main:
-            summary = {**summary, "precision": self.d.precision_why, "wall_time_s": round(time.time() - self.t0, 1)}
+            summary = {**summary, "precision": self.d.precision_why, "wall_time_s": round(time.time() - self.t0, 1),
+                       "peak_rss_gb": round(peak_rss_gb(), 2)}
             with open(os.path.join(self.path, "DONE.tmp"), "w") as f:
                 json.dump({**summary, "settings": settings(self.args)}, f, indent=2)
             os.replace(os.path.join(self.path, "DONE.tmp"), os.path.join(self.path, "DONE"))
@@ -835,6 +836,13 @@ class Run:
             shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
             print(json.dumps(summary), flush=True)
         barrier()
+
+
+def peak_rss_gb():
+    """The most memory this process has held (resident set, rank 0's), in GiB."""
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / 2**20 if sys.platform != "darwin" else kb / 2**30
 
 
 def total_steps(n_rows, global_batch, epochs):

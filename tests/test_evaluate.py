@@ -132,3 +132,35 @@ def test_comparison_plan_pairs_modified_arms_with_their_controls():
             ("metarm/round2", "metarm/round1"), ("vanilla_ppo/step40", "sft")}
     assert want <= set(plan)
     assert ("metarm/round1", "vanilla+anchor=sft/round1") not in plan
+
+
+def test_reward_models_are_measured_at_their_own_lengths(micro, micro_rm, tmp_path):
+    """rm_on_samples reads the RM's max_len and truncate from its args.json: a held-out pair longer
+    than that is cut when the RM was trained cutting, and is one error naming the limit when it was
+    not; the same pairs at a limit that holds them give the same accuracy as the trained run's."""
+    import json
+    import shutil
+
+    import data
+    import runtime
+    pairs = data.load_pairs(f"{micro['data']}/pairs_test.jsonl")
+    d = runtime.Dist()
+    [as_trained] = ev.rm_on_samples(micro_rm, [""], pairs, d)
+    rm = tmp_path / "rm"
+    shutil.copytree(micro_rm, rm)
+    args = json.loads((rm / "args.json").read_text())
+    for max_len, truncate in ((16, False), (16, True)):
+        (rm / "args.json").write_text(json.dumps({**args, "max_len": max_len, "truncate": truncate}))
+        assert ev.trained_lengths(str(rm), None) == (max_len, truncate)
+        if not truncate:
+            with pytest.raises(data.DataError, match="more than --max_len 16"):
+                ev.rm_on_samples(str(rm), [""], pairs, d)
+        else:
+            [cut] = ev.rm_on_samples(str(rm), [""], pairs, d)
+            assert cut["eval/accuracy"] != as_trained["eval/accuracy"] or cut["eval/margin"] != as_trained["eval/margin"]
+    (rm / "args.json").write_text(json.dumps({**args, "max_len": 4096}))
+    [wide] = ev.rm_on_samples(str(rm), [""], pairs, d)
+    assert wide == as_trained
+    snapshot = rm / "step2"  # a PPO snapshot reads its run's args.json
+    snapshot.mkdir()
+    assert ev.trained_lengths(str(snapshot), None) == (4096, args["truncate"])
