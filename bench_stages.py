@@ -8,6 +8,7 @@ memory plan: PPO with its four models of N parameters each.
 
     python bench_stages.py                                   # the tiny default
     python bench_stages.py --hidden 2048 --layers 16 --intermediate 5504 --heads 16 --only ppo
+    python bench_stages.py --base smollm2 --only sft,rm --steps 6 --precision fp32   # (then bf16)
     python bench_stages.py --from_run runs/smollm2/seed1     # a finished iterate.sh seed, stage by stage
 
 --from_run reads a seed's run folders instead (each stage's DONE: wall time, precision, the peak
@@ -82,7 +83,10 @@ def main():
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--only", default="sft,rm,metarm_first_order,metarm_exact,ppo")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="", help="the task and run folders (kept: a second run reuses the task)")
+    ap.add_argument("--base", default="tiny", choices=["tiny", "smollm2"],
+                    help="tiny: a random Llama of --hidden etc.; smollm2: SmolLM2-135M-Instruct (task.py --base smollm2)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="every stage's --precision")
     ap.add_argument("--from_run", default="", help="instead: the table of a finished iterate.sh seed folder")
     args = ap.parse_args()
     if args.from_run:
@@ -91,16 +95,19 @@ def main():
     data, base = f"{out}/task/data", f"{out}/task/base_model"
     if not os.path.exists(base):
         task.build_data(data, seed=0)
-        task.build_base_model(data, base, hidden_size=args.hidden, num_layers=args.layers,
-                              intermediate_size=args.intermediate, num_heads=args.heads)
-    steps = ["--max_steps", str(args.steps)]
+        if args.base == "smollm2":
+            task.build_pretrained_base(base)
+        else:
+            task.build_base_model(data, base, hidden_size=args.hidden, num_layers=args.layers,
+                                  intermediate_size=args.intermediate, num_heads=args.heads)
+    steps = ["--max_steps", str(args.steps), "--precision", args.precision]
     only = args.only.split(",")
     jobs = {
         "sft": ["sft.py", "--model_name_or_path", base, "--data", f"{data}/sft.jsonl", "--output_dir", f"{out}/sft", *steps],
         "rm": ["reward_model.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
                "--eval_data", "", "--output_dir", f"{out}/rm", *steps],
         "sample": ["sample.py", "--policy_dir", f"{out}/sft", "--prompts", f"{data}/prompts_train.jsonl",
-                   "--max_prompts", "64", "--output_dir", f"{out}/samples"],
+                   "--max_prompts", "64", "--output_dir", f"{out}/samples", "--precision", args.precision],
         "metarm_first_order": ["metarm.py", "--sft_dir", f"{out}/sft", "--data", f"{data}/pairs_train.jsonl",
                                "--eval_data", "", "--meta_data", f"{out}/samples/meta.jsonl", "--output_dir",
                                f"{out}/metarm_first_order", "--eval_every", "100000", *steps],
@@ -108,14 +115,15 @@ def main():
                          "--meta_data", f"{out}/samples/meta.jsonl", "--output_dir", f"{out}/metarm_exact",
                          "--meta_grad", "exact", "--eval_every", "100000", *steps],
         "ppo": ["ppo.py", "--policy_dir", f"{out}/sft", "--rm_dir", f"{out}/rm", "--prompts", f"{data}/prompts_train.jsonl",
-                "--output_dir", f"{out}/ppo", "--steps", str(args.steps)],
+                "--output_dir", f"{out}/ppo", "--steps", str(args.steps), "--precision", args.precision],
     }
     wanted = {"sft", "rm"} | set(only) | ({"sample"} if any(o.startswith("metarm") for o in only) else set())
     order = [k for k in jobs if k in wanted]  # sft and rm always: the later stages start from them
     keys = {"sft": "train/loss", "rm": "train/L", "metarm_first_order": "train/L_at_theta_prime",
             "metarm_exact": "train/L_at_theta_prime",
             "ppo": "ppo/policy/loss"}
-    print(f"model: hidden {args.hidden}, {args.layers} layers; {args.steps} steps per stage\n")
+    what = "SmolLM2-135M-Instruct" if args.base == "smollm2" else f"hidden {args.hidden}, {args.layers} layers"
+    print(f"model: {what}; --precision {args.precision}; {args.steps} steps per stage\n")
     print("| stage | steps | median step (s) | peak memory (GiB) | held between steps (GiB) |")
     print("|---|---|---|---|---|")
     for k in order:

@@ -151,8 +151,8 @@ class Dist:
 BF16_CPU_MIN_PARAMETERS = 50_000_000
 
 
-PRECISION_HELP = ("auto: bf16 autocast on GPU, and on a CPU with fast bf16 for a model of 50M parameters "
-                  "or more; fp32 otherwise (DONE records which)")
+PRECISION_HELP = (f"auto: bf16 autocast on GPU, and on a CPU with fast bf16 for a model of "
+                  f"{BF16_CPU_MIN_PARAMETERS // 10**6}M parameters or more; fp32 otherwise (DONE records which)")
 
 
 def fast_bf16_cpu():
@@ -166,6 +166,8 @@ def n_parameters(name):
     """Parameters of the model in a folder (or hub name), counted from its config on the meta
     device (nothing loaded); None when there is no readable config."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") != 1):
+        return None  # neither a folder nor a hub name
     try:
         config = AutoConfig.from_pretrained(name)
         with torch.device("meta"):
