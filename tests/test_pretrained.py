@@ -167,7 +167,7 @@ def test_smollm2_preset_runs_every_stage(smollm2, micro, tmp_path):
     base, in bf16 autocast where the CPU has fast bf16; the run ends with results.json."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRESET": "smollm2", "RUN_DIR": str(tmp_path / "run"),
            "MODEL": smollm2, "ARMS": "metarm dpo bilevel", "ROUNDS": "1",
-           "PPO_STEPS": "2", "META_N": "4", "LANES": "1",
+           "PPO_STEPS": "2", "META_N": "4", "LANES": "2",
            "SFT_ARGS": "--lr 5e-5 --global_batch 4 --max_steps 2 --max_len 96",
            "RM_ARGS": "--lr 2e-5 --global_batch 4 --max_steps 2 --eval_every 1000 --max_len 96",
            "METARM_ARGS": "--lr 2e-5 --eta 2e-5 --global_batch 4 --meta_batch 2 --max_steps 2 --eval_every 1000 --max_len 96",
