@@ -145,9 +145,9 @@ class Dist:
             print(*a, flush=True)
 
 
-# On CPU, bf16 pays only for a model large enough that its matrix products dominate: a 135 M
-# SmolLM2 step is 2-3x faster under bf16 autocast than in float32 on AVX-512 BF16 / AMX, the
-# embedded task's 1 M model gains nothing (and would only change its rounding).
+# On CPU, bf16 autocast is used only for a model large enough that its matrix products dominate
+# the time (SmolLM2-135M); for the embedded task's 1 M model it would change the rounding, and
+# every result, for little or no speed.
 BF16_CPU_MIN_PARAMETERS = 50_000_000
 
 

@@ -8,11 +8,11 @@
 # --precision auto picks it on a CPU with AVX-512 BF16 or AMX for a model this size). Measured
 # there, at one thread: an SFT step of 16 rows about 3.5 s, a reward-model step of 16 pairs
 # 5 s, a MetaRM step (16 pairs + 4 prompts x 5 samples) 17-20 s, a PPO step of 16 roll-outs
-# 23 s, 160 samples 22 s: 60-100x the tiny model's. So fewer steps, not other algorithms:
+# 23 s, 160 samples 22 s. So fewer steps, not other algorithms (one seed: 35 min, docs/pretrained.md):
 RUN_DIR=${RUN_DIR:-runs/smollm2}
 TASK_ARGS=${TASK_ARGS:-"--base smollm2 --test_pairs 128"}  # held-out pairs: 128, not 400 (an RM's
                                    # evaluation reads them at its start and end; the other files are the same)
-ROUNDS=${ROUNDS:-2}                # 2 rounds, not 3: a MetaRM round costs ~15 minutes here
+ROUNDS=${ROUNDS:-2}                # 2 rounds, not 3: a MetaRM stage alone took 10-12 minutes here
 PPO_STEPS=${PPO_STEPS:-10}         # x 16 roll-outs a round
 META_N=${META_N:-64}               # 64 prompts x 5 samples a round (scored by every RM evaluation)
 # Lengths, counted with SmolLM2's tokenizer on the task's files: prompts at most 21 tokens, a pair's
