@@ -146,8 +146,8 @@ class Dist:
 
 
 # On CPU, bf16 autocast is used only for a model large enough that its matrix products dominate
-# the time (SmolLM2-135M); for the embedded task's 1 M model it would change the rounding, and
-# every result, for little or no speed.
+# the time (a SmolLM2-135M SFT step: 2.0x faster, docs/pretrained.md); for the embedded task's
+# 1 M model it would change the rounding, and every result, for little or no speed.
 BF16_CPU_MIN_PARAMETERS = 50_000_000
 
 
