@@ -44,35 +44,21 @@ def summary(run_dir, key):
 
 def from_run(seed_dir):
     """The table of one finished iterate.sh seed: per stage, iterate.sh's wall time (with the
-    threads it had), the stage's own time and precision, and its process's peak memory."""
-    times = {}
-    with open(os.path.join(seed_dir, "stage_times")) as f:
-        for line in f:
-            name, _, rest = line.rpartition(": ")
-            times[name] = rest.strip()
+    threads it had), the stage's own time and precision, and its process's peak memory (the
+    stage's DONE, in the folder each stage_times line names)."""
     print("| stage | wall (iterate.sh) | in the stage (s) | peak memory (GiB) | precision |")
     print("|---|---|---|---|---|")
-    done = {}
-    for root, _, files in os.walk(seed_dir):
-        if "DONE" in files and "args.json" in files:
-            with open(os.path.join(root, "DONE")) as f:
-                done[os.path.relpath(root, seed_dir)] = json.load(f)
-    for name, wall in times.items():
-        folder = next((k for k in sorted(done, key=len, reverse=True) if name_matches(name, k)), None)
-        d = done.get(folder, {})
-        print(f"| {name} | {wall} | {d.get('wall_time_s', '')} | {d.get('peak_rss_gb', '')} | "
-              f"{d.get('precision', '').split(' (')[0]} |")
-
-
-def name_matches(stage, folder):
-    """iterate.sh's stage names against run folders: 'seed 1 metarm round 2: MetaRM' is metarm/round2/rm."""
-    parts = folder.split("/")
-    if len(parts) == 3:
-        arm, rnd, what = parts
-        kind = {"rm": ("MetaRM", "reward model"), "ppo": ("PPO",), "samples": ("sample",)}.get(what, ())
-        return f" {arm} {rnd.replace('round', 'round ')}:" in stage and any(k in stage for k in kind)
-    return {"sft": ": sft", "rm": "vanilla reward model", "sft_samples": "sample the meta data from sft",
-            "ppo_vanilla": "vanilla PPO", "dpo": ": DPO", "bilevel_rm": "bilevel RM"}.get(folder, "\0") in stage
+    with open(os.path.join(seed_dir, "stage_times")) as f:
+        for line in f:
+            name, _, rest = line.strip().rpartition(": ")
+            wall, _, folder = rest.partition(", in ")
+            done = os.path.join(ROOT, folder, "DONE")  # iterate.sh's paths are relative to its folder
+            d = {}
+            if folder and os.path.isfile(done) and os.path.isfile(os.path.join(ROOT, folder, "args.json")):
+                with open(done) as g:
+                    d = json.load(g)
+            print(f"| {name} | {wall} | {d.get('wall_time_s', '')} | {d.get('peak_rss_gb', '')} | "
+                  f"{d.get('precision', '').split(' (')[0]} |")
 
 
 def main():

@@ -223,11 +223,12 @@ class Judge:
         if name != "gold":
             self.tok = runtime.load_tokenizer(name)
             self.model = runtime.load_reward_model(name, self.tok).to(d.device).eval()
+            self.max_len = trained_lengths(name, self.tok)[0]
 
     def __call__(self, prompts, texts):
         if self.name == "gold":
             return measure.gold_scores(prompts, texts)
-        enc = data.Encoder(self.tok, trained_lengths(self.name, self.tok)[0], truncate=True)  # judge all, cut
+        enc = data.Encoder(self.tok, self.max_len, truncate=True)  # judge every response, cut to fit
         seqs = [sum(enc(p, t, f"{self.name}: test prompt {i + 1}"), []) for i, (p, t) in enumerate(zip(prompts, texts))]
         return measure.score_sequences(self.model, seqs, self.tok.pad_token_id, self.d).tolist()
 
@@ -713,8 +714,8 @@ def save(res, out_dir):
 
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed(precision=args.precision,
-                                 model=args.measure or os.path.join(args.run_dir, "sft"))
+    d = runtime.init_distributed(precision=args.precision,  # --aggregate runs no model
+                                 model=args.measure or (None if args.aggregate else os.path.join(args.run_dir, "sft")))
     if args.measure:
         pairs = data.load_pairs(args.pairs, args.skip_bad_rows) if args.pairs else []
         [out] = rm_on_samples(args.measure, [args.samples], pairs, d)

@@ -195,7 +195,7 @@ stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
   local t0=$SECONDS threads
   threads=${OMP_NUM_THREADS:-$(threads)}
   OMP_NUM_THREADS=$threads "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
-  echo "$name: $((SECONDS - t0)) s, $threads thread(s)" >> "$TIMES"
+  echo "$name: $((SECONDS - t0)) s, $threads thread(s), in $out" >> "$TIMES"
   say "[done] $name ($((SECONDS - t0)) s, $threads thread(s))"
 }
 # A stage's intra-op threads (per process). The cores go to seeds (JOBS) and branches (LANES) side

@@ -195,10 +195,11 @@ def init_distributed(strategy="ddp", precision="auto", model=None):
     if precision == "auto" and device.type == "cuda":
         precision, why = "bf16", "auto: GPU"
     elif precision == "auto":
-        n = n_parameters(model) if model and fast_bf16_cpu() else None
+        fast = fast_bf16_cpu()
+        n = n_parameters(model) if model and fast else None
         if n is not None and n >= BF16_CPU_MIN_PARAMETERS:
             precision, why = "bf16", f"auto: CPU with fast bf16, {n / 1e6:.1f}M parameters"
-        elif not fast_bf16_cpu():
+        elif not fast:
             precision, why = "fp32", "auto: CPU without fast bf16 (AMX or AVX-512 BF16)"
         else:
             precision, why = "fp32", f"auto: CPU, a model under {BF16_CPU_MIN_PARAMETERS / 1e6:.0f}M parameters"
