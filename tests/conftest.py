@@ -1,5 +1,11 @@
 """Shared fixtures: a micro version of the embedded task (small files, a tiny model) built once
-per test session, and helpers to run the stage scripts as a user would."""
+per test session, and helpers to run the stage scripts as a user would.
+
+Two tiers. `pytest` runs the in-process checks: the meta-gradients and the other gradients, the
+losses and statistics by hand, data validation, each stage's own unit checks. `pytest --slow`
+adds the tests marked `slow`: everything that starts another process (a stage script, torchrun,
+iterate.sh), kills and resumes, the documented commands, the presets and the pretrained model.
+A test that starts a stage script and is not marked slow fails (run_script checks)."""
 import json
 import os
 import subprocess
@@ -16,8 +22,39 @@ import runtime  # noqa: E402
 import task  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow tier (stage scripts, torchrun, iterate.sh, kills, the pretrained model)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow tier, run by `pytest --slow` (another process, or minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The meta-gradient checks (test_metarm.py) first; without --slow, the slow tier deselected."""
+    items.sort(key=lambda item: item.path.name != "test_metarm.py")  # stable: the rest keep their order
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+IN_SLOW_TEST = [False]
+
+
+@pytest.fixture(autouse=True)
+def _tier(request):
+    IN_SLOW_TEST[0] = request.node.get_closest_marker("slow") is not None
+    yield
+
+
 def run_script(*argv, nproc=1, check=True, env=None, timeout=600):
-    """Run a stage script (under torchrun when nproc > 1); returns the CompletedProcess."""
+    """Run a stage script (under torchrun when nproc > 1); returns the CompletedProcess. Only
+    from a test marked slow: the default tier stays in this process."""
+    assert IN_SLOW_TEST[0], "a test that starts a stage script belongs to the slow tier: mark it @pytest.mark.slow"
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(29500 + os.getpid() % 1000)] + list(argv)
@@ -30,13 +67,20 @@ def run_script(*argv, nproc=1, check=True, env=None, timeout=600):
     return p
 
 
-def assert_cli_error(script, *argv, message):
-    """Run a stage from the command line and check that a user mistake ends as it should: exit
-    status 2 and one last 'error: ...' line containing `message`, no traceback."""
-    p = run_script(script, *argv, check=False)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error:"), p.stderr
+def assert_cli_error(script, *argv, message, capsys):
+    """Run a stage as its `if __name__ == "__main__"` does (runtime.guard around main, in this
+    process) and check that a user mistake ends as it should: exit status 2 and one last
+    'error: ...' line containing `message`, no traceback. (The same through a real `python
+    stage.py`: test_failures.py::test_bad_flag_from_the_command_line.)"""
+    import importlib
+    stage = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runtime.guard(lambda: stage.main(list(argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and message in err, err
+    assert err.strip().splitlines()[-1].startswith("error:"), err
 
 
 def metrics(run_dir):
@@ -59,19 +103,21 @@ def micro(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_sft(micro):
     """The micro base model after a few SFT steps (what reward-model tests start from)."""
+    import sft
     out = os.path.join(micro["root"], "sft")
-    run_script("sft.py", "--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
-               "--output_dir", out, "--max_steps", "12", "--global_batch", "16")
+    sft.main(["--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
+              "--output_dir", out, "--max_steps", "12", "--global_batch", "16"])
     return out
 
 
 @pytest.fixture(scope="session")
 def micro_rm(micro, micro_sft):
     """A reward model trained briefly from the micro SFT model."""
+    import reward_model
     out = os.path.join(micro["root"], "rm")
-    run_script("reward_model.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
-               "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--output_dir", out,
-               "--epochs", "2", "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000")
+    reward_model.main(["--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
+                       "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--output_dir", out,
+                       "--epochs", "2", "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000"])
     return out
 
 

@@ -139,6 +139,7 @@ def stage_argv(micro, micro_sft, micro_rm, support, out, *more):
             "--steps", "3", "--support_prompts", "2", "--query_pairs", "4", "--lr", "1e-3", *more]
 
 
+@pytest.mark.slow
 def test_one_step_under_ddp_equals_one_process(micro, micro_sft, micro_rm, support, tmp_path):
     """Two processes (gloo), each with one of the step's two distributions, against one process
     with both: the same logged outer losses and the same weights."""
@@ -158,14 +159,14 @@ def test_one_step_under_ddp_equals_one_process(micro, micro_sft, micro_rm, suppo
     assert len(done["distributions"]) >= 2 and "eval/accuracy" in done and "shift/gold_agreement" in done
 
 
-def test_support_without_training_distributions_is_refused(micro, micro_sft, micro_rm, tmp_path):
+def test_support_without_training_distributions_is_refused(micro, micro_sft, micro_rm, tmp_path, capsys):
     """Support samples of the out-of-distribution topics share no distribution with the pairs."""
     ood = tmp_path / "ood.jsonl"
     with open(ood, "w") as f:
         for p, _ in data.load_prompts(f"{micro['data']}/prompts_ood.jsonl")[:4]:
             f.write(json.dumps({"prompt": p, "responses": [" a", " b"]}) + "\n")
     assert_cli_error(*stage_argv(micro, micro_sft, micro_rm, str(ood), tmp_path / "out"),
-                     message="training distributions have both pairs")
+                     message="training distributions have both pairs", capsys=capsys)
 
 
 def test_a_prompt_of_no_distribution_is_named(tmp_path):

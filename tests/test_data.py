@@ -68,7 +68,7 @@ def test_hh_rows_split_at_the_last_assistant_turn(tmp_path):
     assert where.endswith("row 1")
 
 
-def test_cli_errors_are_one_line(tmp_path, micro):
+def test_cli_errors_are_one_line(tmp_path, micro, capsys):
     """A user mistake ends with one 'error:' line and status 2, not a traceback."""
     bad = write(tmp_path, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " ok"}, {"prompt": "x"}], "sft.jsonl")
     cases = [
@@ -80,8 +80,8 @@ def test_cli_errors_are_one_line(tmp_path, micro):
     for i, (extra, message) in enumerate(cases):
         args = ["--model_name_or_path", micro["base"], "--data", f"{micro['data']}/sft.jsonl",
                 "--output_dir", str(tmp_path / "out"), *extra]
-        if i == 0:  # from the command line: one 'error:' line, status 2, no traceback
-            assert_cli_error("sft.py", *args, message=message)
+        if i == 0:  # as from the command line: one 'error:' line, status 2, no traceback
+            assert_cli_error("sft.py", *args, message=message, capsys=capsys)
         else:
             with pytest.raises(runtime.UserError, match=re.escape(message)):
                 sft.main(args)

@@ -14,6 +14,7 @@ import sample
 import runtime
 from conftest import metrics, run_script
 
+pytestmark = pytest.mark.slow  # torchrun
 REL = 1e-4
 
 
@@ -38,7 +39,6 @@ def test_fsdp_reward_model_output_is_not_a_view(runs):
     """FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the
     all-gather): ScalarModel returns a new tensor, so no stage under FSDP2 sees that warning."""
     assert "returned a view tensor" not in runs["fsdp_stderr"]
-    assert "Traceback" not in runs["fsdp_stderr"]
 
 
 STAGES = [("sft", "train/loss"), ("rm", "train/L"), ("dpo", "train/loss"), ("metarm_first_order", "train/L_at_theta_prime"),

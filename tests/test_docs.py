@@ -67,6 +67,7 @@ def runnable_here(launcher, argv):
             and "--run_dir" not in argv and "--aggregate" not in argv)
 
 
+@pytest.mark.slow
 def test_documented_commands_run_verbatim(micro, tmp_path):
     """Each distinct runnable command, once, stages in pipeline order: exit status 0. The commands
     of one level (LEVEL) run two at a time, as iterate.sh runs a seed's branches."""

@@ -107,6 +107,7 @@ def test_non_finite_weights_are_refused(micro_sft, tmp_path):
 
 
 # --- 2. one process per run folder, one iterate.sh per RUN_DIR ---------------------------------
+@pytest.mark.slow
 def test_a_second_process_is_refused_and_a_stale_lock_taken(micro, tmp_path):
     out = tmp_path / "sft"
     os.makedirs(out)
@@ -220,8 +221,12 @@ def test_a_shortened_flag_is_not_taken_for_a_longer_one(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_flag_from_the_command_line():
-    assert_cli_error("ppo.py", "--queries", "0", message="--queries 0: must be > 0")
+    """Through a real `python ppo.py` (assert_cli_error runs the same guard in this process)."""
+    p = run_script("ppo.py", "--queries", "0", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: --queries 0: must be > 0", p.stderr
 
 
 # --- 6. loaders: undecodable bytes, malformed real-schema rows, invalid JSON; every drop counted --
@@ -280,22 +285,25 @@ def test_meta_rows_of_another_k(tmp_path, capsys):
     assert "skipped 1 rows (1 x has another number of responses than the most common rows' 5)" in capsys.readouterr().out
 
 
-def test_cuts_are_reported(micro, micro_sft, micro_rm, tmp_path):
+def test_cuts_are_reported(micro, micro_sft, micro_rm, tmp_path, capsys):
     """PPO prompts cut to --max_prompt_len, and meta and held-out rows cut to --max_len, are counted."""
-    p = run_script("ppo.py", *ppo_argv(micro, micro_sft, micro_rm, tmp_path / "ppo", "--steps", "1",
-                                      "--max_prompt_len", "6", "--truncate", "true"))
-    assert "prompts truncated (cut from the left, --max_prompt_len 6)" in p.stdout
+    capsys.readouterr()
+    ppo.main(ppo_argv(micro, micro_sft, micro_rm, tmp_path / "ppo", "--steps", "1",
+                      "--max_prompt_len", "6", "--truncate", "true"))
+    assert "prompts truncated (cut from the left, --max_prompt_len 6)" in capsys.readouterr().out
     meta = write_lines(tmp_path / "meta.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:",
                                                   "responses": [" yes " * 40, " no"]}] * 4)
-    p = run_script("metarm.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
-                   "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--meta_data", meta,
-                   "--output_dir", str(tmp_path / "m"), "--max_len", "40", "--truncate", "true",
-                   "--max_steps", "1", "--global_batch", "4", "--meta_batch", "2")
-    assert f"{meta}: 4 rows truncated (response cut from the right, --max_len 40)" in p.stdout
-    assert "pairs_test.jsonl: " in p.stdout and "rows truncated" in p.stdout.split("pairs_test.jsonl: ")[1]
+    metarm.main(["--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
+                 "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--meta_data", meta,
+                 "--output_dir", str(tmp_path / "m"), "--max_len", "40", "--truncate", "true",
+                 "--max_steps", "1", "--global_batch", "4", "--meta_batch", "2"])
+    out = capsys.readouterr().out
+    assert f"{meta}: 4 rows truncated (response cut from the right, --max_len 40)" in out
+    assert "pairs_test.jsonl: " in out and "rows truncated" in out.split("pairs_test.jsonl: ")[1]
 
 
 # --- 7. a killed PPO run resumes to the uninterrupted run's result, bit for bit -------------------
+@pytest.mark.slow
 def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path):
     argv = lambda out: ["ppo.py", *ppo_argv(micro, micro_sft, micro_rm, out, "--steps", "6", "--save_every", "2")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread each: the two run side by side
@@ -365,5 +373,6 @@ def test_snapshot_done_is_written_last(micro_sft, tmp_path, monkeypatch):
     assert moved[-1] == "DONE" and "model.safetensors" in moved
 
 
-def test_unwritable_folder_is_one_line(micro):
-    assert_cli_error("sft.py", *sft_argv(micro, "/sys/kernel/no_such_dir/sft"), message="cannot write in /sys/kernel")
+def test_unwritable_folder_is_one_line(micro, capsys):
+    assert_cli_error("sft.py", *sft_argv(micro, "/sys/kernel/no_such_dir/sft"), message="cannot write in /sys/kernel",
+                     capsys=capsys)

@@ -1,6 +1,10 @@
-"""iterate.sh end to end on the micro task: one round, a few steps per stage, every arm. The report has
-every documented field; a second invocation skips every stage; deleting one stage's marker redoes that
-stage and the ones that depend on it, and only those; a bad setting stops it before the first stage."""
+"""iterate.sh end to end on the micro task: one round, a few steps per stage, every arm. One run
+(the module's `first` fixture) is read by the tests named after what they check: the stages, their
+order and threads, the report's fields; then, in this order, on that same RUN_DIR: a second
+invocation skips every stage, other settings and a second iterate.sh are refused, and deleting one
+stage's marker redoes that stage and the ones that depend on it, and only those (last: it changes
+the folder). Besides: two seeds side by side equal the first run's seed, a bad setting stops
+iterate.sh before the first stage, Ctrl-C ends every stage, a failed branch stops its seed."""
 import json
 import os
 import re
@@ -13,6 +17,7 @@ import evaluate
 import runtime
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # bash iterate.sh
 ARMS = "metarm vanilla oracle dpo"
 
 
@@ -35,40 +40,70 @@ def iterate(run_dir, micro, check=True, **extra):
     return ran, skipped, p.stdout
 
 
-def test_iterate_end_to_end(micro, tmp_path):
-    run_dir = str(tmp_path / "run")
-    stages = ["seed 1: sft", "seed 1: vanilla reward model", "seed 1: vanilla PPO (2 steps)",
-              "seed 1: sample the meta data from sft",
-              "seed 1 metarm round 1: MetaRM (first_order)",
-              "seed 1 metarm round 1: PPO from seed1/sft",
-              "seed 1 vanilla round 1: PPO from seed1/sft",
-              "seed 1 oracle round 1: 16 new labels on the samples",
-              "seed 1 oracle round 1: reward model on the original + new pairs", "seed 1 oracle round 1: PPO from seed1/sft",
-              "seed 1: DPO", "seed 1: evaluate"]
-    ran, skipped, out = iterate(run_dir, micro, LANES="2")  # branches side by side: any order between them
-    assert sorted(ran) == sorted(stages) and skipped == [] and ran[0] == stages[0] and ran[-1] == stages[-1]
+STAGES = ["seed 1: sft", "seed 1: vanilla reward model", "seed 1: vanilla PPO (2 steps)",
+          "seed 1: sample the meta data from sft",
+          "seed 1 metarm round 1: MetaRM (first_order)",
+          "seed 1 metarm round 1: PPO from seed1/sft",
+          "seed 1 vanilla round 1: PPO from seed1/sft",
+          "seed 1 oracle round 1: 16 new labels on the samples",
+          "seed 1 oracle round 1: reward model on the original + new pairs", "seed 1 oracle round 1: PPO from seed1/sft",
+          "seed 1: DPO", "seed 1: evaluate"]
+
+
+@pytest.fixture(scope="module")
+def first(micro, tmp_path_factory):
+    """The first iterate.sh on a fresh RUN_DIR, every arm, branches side by side (LANES=2)."""
+    run_dir = str(tmp_path_factory.mktemp("iterate") / "run")
+    ran, skipped, out = iterate(run_dir, micro, LANES="2")
+    with open(os.path.join(run_dir, "results.json")) as f:
+        res = json.load(f)
+    return {"run_dir": run_dir, "ran": ran, "skipped": skipped, "out": out, "res": res}
+
+
+def test_every_stage_runs_once_sft_first_evaluation_last(first):
+    ran = first["ran"]  # branches side by side: any order between them
+    assert sorted(ran) == sorted(STAGES) and first["skipped"] == [] and ran[0] == STAGES[0] and ran[-1] == STAGES[-1]
+
+
+def test_each_branch_writes_its_own_log(first):
     for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:
-        assert os.path.getsize(os.path.join(run_dir, "seed1", f"{branch}.log")) > 0, branch
-    # each branch starts once what it reads has ended
-    events = re.findall(r"^\[(run |done)\] (.*?)(?: \(\d+ s, \d+ thread\(s\)\))?$", out, re.M)
+        assert os.path.getsize(os.path.join(first["run_dir"], "seed1", f"{branch}.log")) > 0, branch
+
+
+def test_a_branch_starts_once_what_it_reads_has_ended(first):
+    events = re.findall(r"^\[(run |done)\] (.*?)(?: \(\d+ s, \d+ thread\(s\)\))?$", first["out"], re.M)
     at = {event: i for i, event in enumerate(events)}
     after = {"seed 1 metarm round 1: MetaRM (first_order)": ["seed 1: sample the meta data from sft"],
              "seed 1 oracle round 1: 16 new labels on the samples": ["seed 1: sample the meta data from sft"],
              "seed 1 vanilla round 1: PPO from seed1/sft": ["seed 1: vanilla reward model", "seed 1: sample the meta data from sft"],
              "seed 1: vanilla PPO (2 steps)": ["seed 1: vanilla reward model"],
              "seed 1 metarm round 1: PPO from seed1/sft": ["seed 1 metarm round 1: MetaRM (first_order)"],
-             "seed 1: DPO": ["seed 1: sft"], "seed 1: evaluate": [s for s in stages if s != "seed 1: evaluate"]}
+             "seed 1: DPO": ["seed 1: sft"], "seed 1: evaluate": [s for s in STAGES if s != "seed 1: evaluate"]}
     for stage, needs in after.items():
         assert all(at[("run ", stage)] > at[("done", n)] for n in needs), (stage, events)
-    # one thread beside other branches; the seed's cores (here all) when alone: SFT, the evaluation
-    threads = dict(re.findall(r"^\[done\] (.*) \(\d+ s, (\d+) thread\(s\)\)$", out, re.M))
+
+
+def test_a_stage_beside_others_gets_one_thread_a_stage_alone_every_core(first):
+    """SFT and the evaluation run alone: the seed's cores (here all); MetaRM runs beside DPO and
+    vanilla PPO: one thread."""
+    threads = dict(re.findall(r"^\[done\] (.*) \(\d+ s, (\d+) thread\(s\)\)$", first["out"], re.M))
     cores = str(len(os.sched_getaffinity(0)))
     assert threads["seed 1: sft"] == threads["seed 1: evaluate"] == cores, threads
-    assert threads["seed 1 metarm round 1: MetaRM (first_order)"] == "1", threads  # DPO, vanilla PPO wait
+    assert threads["seed 1 metarm round 1: MetaRM (first_order)"] == "1", threads
 
-    with open(os.path.join(run_dir, "results.json")) as f:
-        res = json.load(f)
-    assert set(res) == set(evaluate.RESULT_FIELDS)
+
+def test_results_json_has_every_documented_field(first):
+    assert set(first["res"]) == set(evaluate.RESULT_FIELDS)
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        doc = f.read()
+    assert all(f"`{field}`" in doc for field in evaluate.RESULT_FIELDS), "docs/results.md must document results.json"
+    with open(os.path.join(first["run_dir"], "results.md")) as f:
+        md = f.read()
+    assert "Verdicts" in md and "Table 1" in md and "Table 2" in md and "Table 3" in md
+
+
+def test_results_name_every_policy_and_each_arms_settings(first):
+    res = first["res"]
     policies = {"sft", "vanilla_ppo/step2", "dpo", "metarm/round1", "vanilla/round1", "oracle/round1"}
     assert set(res["judge_mean"]) == set(res["gold"]) == policies
     cfg = res["config"]
@@ -76,16 +111,22 @@ def test_iterate_end_to_end(micro, tmp_path):
     assert cfg["settings"]["metarm"]["deploy"] == "theta" and cfg["settings"]["metarm"]["eta"] == 5e-4
     assert cfg["settings"]["oracle"]["new_pairs_per_round"] == 16 and cfg["settings"]["dpo"]["beta"] == 0.1
     assert {c["kl_anchor"] for a, c in cfg["settings"].items() if a != "dpo"} == {"prev"}
+
+
+def test_comparisons_pair_each_arm_with_its_controls(first):
+    res = first["res"]
     pairs = {(c["a"], c["b"]) for c in res["comparisons"]}
     assert {("metarm/round1", "sft"), ("metarm/round1", "vanilla/round1"), ("metarm/round1", "vanilla_ppo/step2"),
             ("metarm/round1", "dpo"), ("oracle/round1", "vanilla/round1"), ("dpo", "sft")} <= pairs
     for c in res["comparisons"]:
         assert c["gold_diff"]["lo"] <= c["gold_diff"]["mean"] <= c["gold_diff"]["hi"]
         assert abs(c["win"] + c["tie"] + c["lose"] - 100) < 1e-6 and c["verdict"].startswith("one seed")
-    # the vanilla arm's round 1 is vanilla PPO's first PPO_STEPS steps (same RM, seed and reference)
-    assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
     assert {c["metric"] for c in res["rm_comparisons"]} == set(evaluate.RM_METRICS)
     assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "oracle"}
+
+
+def test_the_paper_tables_and_figures_are_filled(first):
+    res = first["res"]
     t1 = res["table1"]["metarm"][0]
     assert abs(t1["win"]["mean"] + t1["tie"]["mean"] + t1["lose"]["mean"] - 100) < 1e-6
     assert set(res["table2"]) == {"metarm", "vanilla", "oracle"}
@@ -95,42 +136,79 @@ def test_iterate_end_to_end(micro, tmp_path):
         assert len(res["rounds"][arm][0]["ppo_gold"]) == 2
     assert res["figure1"]["vanilla_ppo"] and res["figure4"]["vanilla"] and res["figure4"]["oracle/round1"]
     assert res["ppo_curves"]["metarm/round1"]["gold"][-1][0] == {"mean": 2, "std": 0.0}
-    with open(os.path.join(run_dir, "results.md")) as f:
-        md = f.read()
-    assert "Verdicts" in md and "Table 1" in md and "Table 2" in md and "Table 3" in md
-    with open(os.path.join(ROOT, "docs", "results.md")) as f:
-        doc = f.read()
-    assert all(f"`{field}`" in doc for field in evaluate.RESULT_FIELDS), "docs/results.md must document results.json"
 
-    # a report on some of the arms: only their policies; an arm no seed was evaluated with is refused
-    evaluate.main(["--aggregate", run_dir, "--seeds", "1", "--rounds", "1", "--arms", "metarm",
+
+def test_vanilla_round_one_is_vanilla_ppos_first_steps(first):
+    """Same RM, seed and reference: the vanilla arm's round 1 is vanilla PPO's first PPO_STEPS steps."""
+    res = first["res"]
+    assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
+
+
+def test_a_report_on_some_arms_has_only_theirs(first, tmp_path):
+    """evaluate.py --aggregate on some of the arms: only their policies; an arm no seed was
+    evaluated with is refused."""
+    evaluate.main(["--aggregate", first["run_dir"], "--seeds", "1", "--rounds", "1", "--arms", "metarm",
                    "--out_dir", str(tmp_path / "sub"), "--n_boot", "100"])
     with open(tmp_path / "sub" / "results.json") as f:
         sub = json.load(f)
     assert set(sub["gold"]) == {"sft", "vanilla_ppo/step2", "metarm/round1"} and set(sub["rounds"]) == {"metarm"}
     with pytest.raises(runtime.UserError, match="re-run iterate.sh"):
-        evaluate.main(["--aggregate", run_dir, "--seeds", "1", "--rounds", "1", "--arms", "metarm+eta=1",
+        evaluate.main(["--aggregate", first["run_dir"], "--seeds", "1", "--rounds", "1", "--arms", "metarm+eta=1",
                        "--out_dir", str(tmp_path / "sub")])
 
-    ran, skipped, _ = iterate(run_dir, micro)
-    assert ran == [] and sorted(skipped) == sorted(stages)
 
-    # the same RUN_DIR with other settings is refused before any stage, and so is a second iterate.sh
-    p = iterate(run_dir, micro, check=False, PPO_STEPS="3")
+def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
+    """JOBS=2 runs two seeds at once, each in its own log, here with LANES=1 (a seed's branches one
+    at a time, one thread each on 2 cores); seed 1 of the first run went alone with LANES=2 (its
+    branches side by side; SFT, the evaluation, and any stage the last branch starts alone, with
+    all the cores): the same models, bit for bit, and the same evaluation."""
+    par = str(tmp_path / "par")
+    p = iterate(par, micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout and os.path.exists(os.path.join(par, "seed2.log"))
+    for folder in ("sft", "rm", "ppo_vanilla", "vanilla/round1/ppo"):
+        with open(os.path.join(first["run_dir"], "seed1", folder, "model.safetensors"), "rb") as f, \
+                open(os.path.join(par, "seed1", folder, "model.safetensors"), "rb") as g:
+            assert f.read() == g.read(), folder
+    with open(os.path.join(first["run_dir"], "seed1", "sft_samples", "meta.jsonl")) as f, \
+            open(os.path.join(par, "seed1", "sft_samples", "meta.jsonl")) as g:
+        assert f.read() == g.read()
+    with open(os.path.join(par, "results.json")) as f:
+        res = json.load(f)
+    assert res["config"]["seeds"] == [1, 2] and set(res["per_seed"]) == {"1", "2"}
+    assert res["per_seed"]["1"] != res["per_seed"]["2"]
+    assert set(res["per_seed"]["1"]) == {"sft", "vanilla_ppo/step2", "vanilla/round1"}
+    assert res["per_seed"]["1"] == {k: first["res"]["per_seed"]["1"][k] for k in res["per_seed"]["1"]}
+
+
+# --- on the first run's RUN_DIR, in this order ----------------------------------------------
+def test_a_second_invocation_skips_every_stage(first, micro):
+    ran, skipped, _ = iterate(first["run_dir"], micro)
+    assert ran == [] and sorted(skipped) == sorted(STAGES)
+
+
+def test_other_settings_are_refused_before_any_stage(first, micro):
+    p = iterate(first["run_dir"], micro, check=False, PPO_STEPS="3")
     assert p.returncode == 2 and "[run ]" not in p.stdout and "[skip]" not in p.stdout, p.stdout + p.stderr
     assert "was run with other settings: before PPO_STEPS=2; now PPO_STEPS=3" in p.stderr, p.stderr
-    holder = subprocess.Popen(["flock", "-o", os.path.join(run_dir, "LOCK"), "sleep", "60"])
+
+
+def test_a_second_iterate_sh_on_the_same_run_dir_is_refused(first, micro):
+    holder = subprocess.Popen(["flock", "-o", os.path.join(first["run_dir"], "LOCK"), "sleep", "60"])
     try:
         time.sleep(0.5)
-        p = iterate(run_dir, micro, check=False)
+        p = iterate(first["run_dir"], micro, check=False)
         assert p.returncode == 2 and "is in use by another iterate.sh" in p.stderr, p.stderr
     finally:
         holder.kill()
         holder.wait()
 
-    # one stage's DONE deleted: that stage and the ones that depend on it are redone, and only those;
-    # two arms added on the same folder (the bilevel arm: its reward model once per seed, support sets
-    # the SFT samples, then its rounds): only they run; the evaluation is redone
+
+def test_a_deleted_done_redoes_its_stage_and_dependants_and_added_arms_run_alone(first, micro):
+    """One stage's DONE deleted: that stage and the ones that depend on it are redone, and only
+    those; two arms added on the same folder (the bilevel arm: its reward model once per seed,
+    support sets the SFT samples, then its rounds): only they run; the evaluation is redone."""
+    run_dir = first["run_dir"]
     stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE"))
     os.remove(os.path.join(run_dir, "seed1", "oracle", "round1", "rm", "DONE"))
     ran, skipped, _ = iterate(run_dir, micro, ARMS=ARMS + " vanilla+anchor=sft bilevel")
@@ -149,6 +227,7 @@ def test_iterate_end_to_end(micro, tmp_path):
     assert {c["arm"] for c in res["rm_comparisons"]} == {"metarm", "oracle", "bilevel"}
 
 
+# --- each on a RUN_DIR of its own -------------------------------------------------------------
 @pytest.mark.parametrize("setting,message", [
     ({"ARMS": "metarm bogus"}, "unknown arm 'bogus'"),
     ({"ARMS": "metarm+eta=-1"}, "eta=-1"),
@@ -164,23 +243,6 @@ def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
     p = iterate(str(tmp_path / "run"), micro, check=False, **setting)
     assert p.returncode == 2 and message in p.stderr and "[run ]" not in p.stdout, p.stdout + p.stderr
     assert not os.path.exists(tmp_path / "run" / "seed1")
-
-
-def test_seeds_side_by_side_equal_a_seed_alone(micro, tmp_path):
-    """JOBS=2 runs two seeds at once, each in its own log, here with LANES=1 (a seed's branches one
-    at a time, one thread each on 2 cores); seed 2 run alone with LANES=2 (its branches side by
-    side; SFT, the evaluation, and any stage the last branch starts alone, with all the cores): the
-    same results."""
-    iterate(str(tmp_path / "alone"), micro, ARMS="vanilla", SEEDS="2", JOBS="1", LANES="2")
-    p = iterate(str(tmp_path / "par"), micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout
-    assert os.path.exists(tmp_path / "par" / "seed2.log") and os.path.exists(tmp_path / "alone" / "seed2" / "vanilla.log")
-    with open(tmp_path / "alone" / "results.json") as f, open(tmp_path / "par" / "results.json") as g:
-        alone, par = json.load(f), json.load(g)
-    assert alone["config"]["seeds"] == [2] and par["config"]["seeds"] == [1, 2]
-    assert set(par["per_seed"]) == {"1", "2"} and par["per_seed"]["1"] != par["per_seed"]["2"]
-    assert alone["per_seed"]["2"] == par["per_seed"]["2"]
 
 
 def test_interrupt_ends_every_stage_started(micro, tmp_path):

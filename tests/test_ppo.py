@@ -1,5 +1,8 @@
 """ppo.py: GAE against a slow loop, rewards and KL by hand, log-probabilities against those seen
-while sampling, the clipped losses by hand, short runs, and the sampling mode."""
+while sampling, the clipped losses by hand, and a short run that raises the RM's score. (PPO
+under two processes: test_distributed.py::test_ppo_update_matches_one_process, the update on fixed
+roll-outs under DDP and FSDP2, and test_presets.py::test_hh_preset_rehearsed, ppo.py end to end
+under torchrun.)"""
 import os
 
 import pytest
@@ -8,7 +11,7 @@ import torch
 import data
 import ppo
 import runtime
-from conftest import metrics, run_script
+from conftest import metrics
 
 
 def test_response_mask_stops_after_the_first_eos():
@@ -102,10 +105,3 @@ def test_short_run_raises_the_rm_score(micro, micro_sft, micro_rm, tmp_path):
         assert key in rows[-1], key
     assert runtime.is_done(out) and runtime.is_done(os.path.join(out, "step8"))
 
-
-def test_two_processes_run_end_to_end(micro, micro_sft, micro_rm, tmp_path):
-    out = str(tmp_path / "ppo2")
-    run_script("ppo.py", "--policy_dir", micro_sft, "--rm_dir", micro_rm, "--prompts",
-               f"{micro['data']}/prompts_train.jsonl", "--output_dir", out, "--steps", "2",
-               "--queries", "8", "--max_new_tokens", "8", nproc=2)
-    assert runtime.is_done(out) and len(metrics(out)) == 2

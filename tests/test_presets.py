@@ -18,6 +18,8 @@ import runtime
 import task
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # bash iterate.sh
+
 WORDS = ("i you we they it this that the a an my your our some any every what how why when where "
          "should would could can will do does did have has had is are was were be been get got make "
          "take give keep tell ask think know feel want need try help start stop work live move call "

@@ -48,6 +48,7 @@ def smollm2(tmp_path_factory):
 
 
 # --- the base folder ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_base_folder_is_a_plain_llama_with_its_source_recorded(smollm2):
     with open(os.path.join(smollm2, "source.json")) as f:
         source = json.load(f)
@@ -65,6 +66,7 @@ def test_base_folder_is_a_plain_llama_with_its_source_recorded(smollm2):
     assert source["parameters"] == runtime.n_parameters(smollm2) == 134_515_584
 
 
+@pytest.mark.slow
 def test_base_model_answers_in_english(smollm2):
     """The dequantized weights are a working language model: greedy decoding of a chat prompt
     gives words, not noise (most tokens are common English words)."""
@@ -125,6 +127,7 @@ def rms_norm_kept_in_float64(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+@pytest.mark.slow
 def test_three_forms_match_torch_func_on_smollm2_architecture(smollm2, monkeypatch):
     from torch.func import grad
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -161,6 +164,7 @@ def flat(d):
 
 
 # --- the stages on the SmolLM2 base, through iterate.sh ----------------------------------------
+@pytest.mark.slow
 def test_smollm2_preset_runs_every_stage(smollm2, micro, tmp_path):
     """PRESET=smollm2, one round, two steps a stage, with the arms that between them run every
     stage (SFT, the RM, sampling, MetaRM, PPO, DPO, the bilevel RM, the evaluation) on the 135 M

@@ -113,8 +113,8 @@ def test_bad_pairs_name_file_and_row(micro, micro_sft, tmp_path, capsys):
         path = tmp_path / f"pairs{i}.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         argv = ["--sft_dir", micro_sft, "--data", str(path), "--eval_data", "", "--output_dir", str(tmp_path / "out")]
-        if i == 0:  # from the command line: one 'error:' line, status 2, no traceback
-            assert_cli_error("reward_model.py", *argv, message=f"{path}, {message}")
+        if i == 0:  # as from the command line: one 'error:' line, status 2, no traceback
+            assert_cli_error("reward_model.py", *argv, message=f"{path}, {message}", capsys=capsys)
         else:
             with pytest.raises(runtime.UserError, match=re.escape(f"{path}, {message}")):
                 rm.main(argv)

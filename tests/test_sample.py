@@ -29,6 +29,7 @@ def test_writes_a_run_folder_and_skips_when_done(micro, micro_sft, tmp_path, cap
         sample.main([*argv[:-1], "8"])
 
 
+@pytest.mark.slow
 def test_two_processes_return_every_prompt_once_in_order(micro, micro_sft, tmp_path):
     """Each process samples its share of the prompts; every prompt comes back once, in order."""
     out = tmp_path / "two"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import data
 import runtime
 import sft
-from conftest import ROOT, metrics, run_script
+from conftest import ROOT, metrics
 
 
 def test_loss_counts_response_tokens_only(micro):
@@ -34,17 +34,19 @@ def test_loss_counts_response_tokens_only(micro):
     assert all((labels[i, :len(p)] == -100).all() for i, (p, _) in enumerate(examples))
 
 
-def test_run_folder(micro, micro_sft):
+def test_run_folder(micro, micro_sft, capsys):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "args.json", "metrics.jsonl", "DONE"):
         assert os.path.exists(os.path.join(micro_sft, name)), name
     rows = metrics(micro_sft)
     assert [r["step"] for r in rows] == list(range(1, 13)) and all("train/loss" in r for r in rows)
     assert not os.path.exists(os.path.join(micro_sft, "checkpoint"))
-    again = run_script("sft.py", "--output_dir", micro_sft, "--model_name_or_path", micro["base"], "--data",
-                       f"{micro['data']}/sft.jsonl", "--max_steps", "12", "--global_batch", "16")
-    assert "same settings): skipping" in again.stdout
+    capsys.readouterr()
+    sft.main(["--output_dir", micro_sft, "--model_name_or_path", micro["base"], "--data",
+              f"{micro['data']}/sft.jsonl", "--max_steps", "12", "--global_batch", "16"])
+    assert "same settings): skipping" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_killed_run_resumes(micro, tmp_path):
     """Kill -9 after the first checkpoint; the rerun resumes there and ends as an unbroken run."""
     args = [sys.executable, "sft.py", "--model_name_or_path", micro["base"], "--data",
