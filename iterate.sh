@@ -391,7 +391,11 @@ arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
 }
 
 T_START=$SECONDS
-if [ "$MODEL" = "$RUN_DIR/task/base_model" ] || [ "$DATA" = "$RUN_DIR/task/data" ]; then
+NEED_TASK=0  # the embedded task is built when a model or a data file of this run is inside it
+for F in "$MODEL" "$SFT_DATA" "$PAIRS" "$EVAL_PAIRS" "$PROMPTS" "$TEST_PROMPTS" "$ID_PROMPTS"; do
+  [[ "$F" != "$RUN_DIR/task/"* ]] || NEED_TASK=1
+done
+if [ "$NEED_TASK" = 1 ]; then
   stage "task" "$RUN_DIR/task" "$RUN_DIR/task/DONE" python task.py --out_dir "$RUN_DIR/task" ${TASK_ARGS:-}
 fi
 AFTER_TASK=$DIRTY

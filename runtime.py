@@ -247,8 +247,11 @@ def wrap(model, d, trainable=True, gradient_checkpointing=False):
         model.requires_grad_(False)
         if d.bf16 and d.device.type == "cuda":
             model.to(torch.bfloat16)
-    elif gradient_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:  # transformers >= 5.x names it activation checkpointing
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = model.to(d.device)
     if d.world > 1 and d.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -45,10 +45,9 @@ def pytest_collection_modifyitems(config, items):
 IN_SLOW_TEST = [False]
 
 
-@pytest.fixture(autouse=True)
-def _tier(request):
-    IN_SLOW_TEST[0] = request.node.get_closest_marker("slow") is not None
-    yield
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):  # before the test's fixtures, which may start stage scripts too
+    IN_SLOW_TEST[0] = item.get_closest_marker("slow") is not None
 
 
 def run_script(*argv, nproc=1, check=True, env=None, timeout=600):

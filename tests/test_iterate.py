@@ -163,21 +163,18 @@ def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
     branches side by side; SFT, the evaluation, and any stage the last branch starts alone, with
     all the cores): the same models, bit for bit, and the same evaluation."""
     par = str(tmp_path / "par")
-    p = iterate(par, micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")
+    p = iterate(par, micro, check=False, ARMS="dpo", SEEDS="1 2", JOBS="2", LANES="1")  # the arm with fewest stages
     assert p.returncode == 0, p.stdout + p.stderr
     assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout and os.path.exists(os.path.join(par, "seed2.log"))
-    for folder in ("sft", "rm", "ppo_vanilla", "vanilla/round1/ppo"):
+    for folder in ("sft", "rm", "ppo_vanilla", "dpo"):
         with open(os.path.join(first["run_dir"], "seed1", folder, "model.safetensors"), "rb") as f, \
                 open(os.path.join(par, "seed1", folder, "model.safetensors"), "rb") as g:
             assert f.read() == g.read(), folder
-    with open(os.path.join(first["run_dir"], "seed1", "sft_samples", "meta.jsonl")) as f, \
-            open(os.path.join(par, "seed1", "sft_samples", "meta.jsonl")) as g:
-        assert f.read() == g.read()
     with open(os.path.join(par, "results.json")) as f:
         res = json.load(f)
     assert res["config"]["seeds"] == [1, 2] and set(res["per_seed"]) == {"1", "2"}
     assert res["per_seed"]["1"] != res["per_seed"]["2"]
-    assert set(res["per_seed"]["1"]) == {"sft", "vanilla_ppo/step2", "vanilla/round1"}
+    assert set(res["per_seed"]["1"]) == {"sft", "vanilla_ppo/step2", "dpo"}
     assert res["per_seed"]["1"] == {k: first["res"]["per_seed"]["1"][k] for k in res["per_seed"]["1"]}
 
 
@@ -269,17 +266,19 @@ def test_interrupt_ends_every_stage_started(micro, tmp_path):
 
 
 def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, tmp_path):
-    """A stage that fails in a branch run side by side: the other running branch ends its stage, nothing
-    new starts, no evaluation; the message names the stage, its folder and its log, where the error is."""
+    """A stage that fails in a branch run side by side (the vanilla RM, beside the SFT samples): the
+    other running branch ends its stage, nothing new starts, no evaluation; the message names the
+    stage, its folder and its log, where the error is."""
     run_dir = str(tmp_path / "run")
     p = iterate(run_dir, micro, check=False, ARMS="metarm vanilla", LANES="2",
-                METARM_ARGS="--max_steps 3 --global_batch 8 --no_such_flag 1")
-    log = os.path.join(run_dir, "seed1", "metarm.log")
+                RM_ARGS="--max_steps 4 --global_batch 16 --no_such_flag 1")
+    log = os.path.join(run_dir, "seed1", "rm.log")
     assert p.returncode == 1, p.stdout + p.stderr
-    assert (f"iterate.sh: stage 'seed 1 metarm round 1: MetaRM (first_order)' failed (its folder: "
-            f"{run_dir}/seed1/metarm/round1/rm, its output: {log}); fix and re-run to resume") in p.stdout, p.stdout
+    assert (f"iterate.sh: stage 'seed 1: vanilla reward model' failed (its folder: "
+            f"{run_dir}/seed1/rm, its output: {log}); fix and re-run to resume") in p.stdout, p.stdout
     assert "no_such_flag" in open(log).read()
     ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
     done = re.findall(r"^\[done\] (.*) \(\d+ s, \d+ thread\(s\)\)$", p.stdout, re.M)
-    assert "seed 1: evaluate" not in ran and set(ran) - {"seed 1 metarm round 1: MetaRM (first_order)"} == set(done)
+    assert "seed 1: sample the meta data from sft" in ran  # the branch beside it
+    assert "seed 1: evaluate" not in ran and set(ran) - {"seed 1: vanilla reward model"} == set(done)
     assert subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"]).returncode == 0

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -96,7 +97,8 @@ def small_model(micro, tmp_path_factory):
 
 def rehearse(preset, files, small_model, judge, tmp_path, nproc):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRESET": preset, "RUN_DIR": str(tmp_path / "run"),
-           "MODEL": small_model, "JUDGE": judge, "NPROC": str(nproc), "ROUNDS": "1", "PPO_STEPS": "1", **files}
+           "MODEL": small_model, "JUDGE": judge, "NPROC": str(nproc), "ROUNDS": "1", "PPO_STEPS": "1",
+           "ARMS": "metarm", **files}  # the vanilla arm's PPO is vanilla PPO's (test_iterate.py)
     for v in ("SFT_ARGS", "RM_ARGS", "METARM_ARGS", "PPO_ARGS", "SAMPLE_ARGS", "EVAL_ARGS", "META_N", "DIST"):
         env.pop(v, None)  # the preset's own
     p = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -127,7 +129,7 @@ def check_lengths(run, out, response_tokens):
         assert all(len(json.loads(line)["responses"]) == 5 for line in f)
     with open(run / "eval" / "results.json") as f:
         res = json.load(f)
-    assert set(res["judge_mean"]) >= {"sft", "metarm/round1", "vanilla/round1"}
+    assert set(res["judge_mean"]) >= {"sft", "metarm/round1", "vanilla_ppo/step1"}
     assert res["rounds"]["metarm"][0]["rm"]["eval/accuracy"] >= 0  # the RMs measured on the held-out pairs
 
 
@@ -137,7 +139,7 @@ def lengths_in_tokens(tok, rows, key):
 
 def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     rng = random.Random(0)
-    train, test = hh_rows(rng, 32), hh_rows(rng, 8)
+    train, test = hh_rows(rng, 16), hh_rows(rng, 8)
     tok = runtime.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, train, "chosen")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 600 and max(lengths) > 512, lengths  # real lengths, some cut
@@ -149,20 +151,54 @@ def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     out, run = rehearse("llama2-7b-hh", files, small_model, micro_rm, tmp_path, nproc=2)
     check_lengths(run, out, 256)
     assert stage_args(run / "metarm/round1/rm")["world_size"] == 2 and stage_args(run / "sft")["strategy"] == "fsdp"
-    assert len(data.load_pairs(pairs, skip_bad=True)) == 32
+    assert len(data.load_pairs(pairs, skip_bad=True)) == 16
 
 
-def test_tldr_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
+def preset_settings(preset, *names):
+    """The values `source presets/<preset>.sh` gives the named variables (none set beforehand)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_ARGS")}
+    show = "; ".join(f'printf "%s\\n" "${name}"' for name in names)
+    p = subprocess.run(["bash", "-c", f"JUDGE=some/judge; source presets/{preset}.sh; {show}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return dict(zip(names, p.stdout.split("\n")))
+
+
+def test_tldr_preset_data_through_its_stages(micro, small_model, tmp_path, capsys):
+    """The TL;DR preset shares everything but its data sets and response length with the HH one,
+    rehearsed end to end above: here its data, in the real schemas and lengths, go through the
+    stages that read them (SFT, the RM, sampling; in this process) with the preset's own flags,
+    one step each: the long rows cut and counted, the bad row skipped and counted, 64-token
+    responses, k = 5."""
+    import reward_model
+    import sample
+    import sft
     rng = random.Random(1)
-    sft, comparisons, prompts = tldr_sft_rows(rng, 32), tldr_comparisons(rng, 32), tldr_sft_rows(rng, 8)
+    rows, comparisons, prompts = tldr_sft_rows(rng, 16), tldr_comparisons(rng, 16), tldr_sft_rows(rng, 8)
     tok = runtime.load_tokenizer(small_model)
-    lengths = lengths_in_tokens(tok, sft, "prompt")
+    lengths = lengths_in_tokens(tok, rows, "prompt")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 700 and max(lengths) > 512, lengths
     d = tmp_path / "tldr"
     d.mkdir()
-    files = {"SFT_DATA": write(d / "sft.jsonl", sft, bad_row={"prompt": "a post", "label": 3}),
-             "PAIRS": write(d / "comparisons.jsonl", comparisons),
-             "EVAL_PAIRS": write(d / "comparisons_valid.jsonl", tldr_comparisons(rng, 8)),
-             "PROMPTS": write(d / "prompts.jsonl", prompts), "TEST_PROMPTS": write(d / "test.jsonl", tldr_sft_rows(rng, 8))}
-    out, run = rehearse("llama2-7b-tldr", files, small_model, micro_rm, tmp_path, nproc=1)
-    check_lengths(run, out, 64)
+    sft_data = write(d / "sft.jsonl", rows, bad_row={"prompt": "a post", "label": 3})
+    pairs, prompts = write(d / "comparisons.jsonl", comparisons), write(d / "prompts.jsonl", prompts)
+    flags = {k: shlex.split(v) for k, v in preset_settings("llama2-7b-tldr", "SFT_ARGS", "RM_ARGS", "SAMPLE_ARGS").items()}
+    capsys.readouterr()
+    sft.main(["--model_name_or_path", small_model, "--data", sft_data, "--output_dir", str(tmp_path / "sft"),
+              *flags["SFT_ARGS"], "--max_steps", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"sft.jsonl: \d+ rows truncated \(prompt cut from the left, --max_len 512\)", out), out
+    assert "skipped 1 rows (1 x " in out, out
+    reward_model.main(["--sft_dir", str(tmp_path / "sft"), "--data", pairs, "--eval_data", "",
+                       "--output_dir", str(tmp_path / "rm"), *flags["RM_ARGS"], "--max_steps", "1"])
+    assert re.search(r"comparisons.jsonl: \d+ rows truncated", capsys.readouterr().out)
+    sample.main(["--policy_dir", str(tmp_path / "sft"), "--prompts", prompts, "--output_dir", str(tmp_path / "samples"),
+                 *flags["SAMPLE_ARGS"], "--max_prompts", "2"])
+    assert re.search(r"\d+ prompts truncated \(cut from the left, --max_prompt_len 512\)", capsys.readouterr().out)
+    for folder in ("sft", "rm"):
+        a = stage_args(tmp_path / folder)
+        assert (a["max_len"], a["truncate"], a["skip_bad_rows"], a["gradient_checkpointing"]) == (512, True, True, True), folder
+    a = stage_args(tmp_path / "samples")
+    assert (a["max_prompt_len"], a["max_new_tokens"], a["truncate"], a["k"]) == (512, 64, True, 5)
+    with open(tmp_path / "samples" / "meta.jsonl") as f:
+        assert all(len(json.loads(line)["responses"]) == 5 for line in f)

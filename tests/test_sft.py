@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 import data
@@ -69,3 +70,21 @@ def test_killed_run_resumes(micro, tmp_path):
     assert [r["step"] for r in broken] == list(range(1, 41))
     for a, b in zip(whole, broken):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+
+
+def test_gradient_checkpointing_is_on_and_changes_no_gradient(micro):
+    """--gradient_checkpointing true (the 7B presets) recomputes activations in backward: the
+    model says it is on, and the SFT loss's gradient is that of the model without it."""
+    tok = runtime.load_tokenizer(micro["base"])
+    rows = data.load_sft(os.path.join(micro["data"], "sft.jsonl"))[:4]
+    enc = data.Encoder(tok, 128)
+    ids, mask, labels = data.response_batch([enc(p, r) for p, r, _ in rows], tok.pad_token_id)
+    grads = []
+    for on in (False, True):
+        model = runtime.wrap(runtime.load_causal_lm(micro["base"], tok), runtime.Dist(), gradient_checkpointing=on)
+        model.train()
+        is_on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.x's name
+        assert (model.is_gradient_checkpointing if is_on is None else is_on) == on
+        sft.sft_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
