@@ -139,7 +139,7 @@ def lengths_in_tokens(tok, rows, key):
 
 def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     rng = random.Random(0)
-    train, test = hh_rows(rng, 16), hh_rows(rng, 8)
+    train, test = hh_rows(rng, 16), hh_rows(rng, 4)
     tok = runtime.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, train, "chosen")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 600 and max(lengths) > 512, lengths  # real lengths, some cut
