@@ -105,6 +105,18 @@ def measure_point(model, pairs, samples, pad_id, batch, meta_batch, etas, draws,
     return result
 
 
+def rms_norms_in_model_dtype(model):
+    """Llama-family RMSNorm casts to float32 inside, which would make a float64 measurement a
+    float32 one (1e-7 at best, above the smallest changes measured here): in a float64 model,
+    each RMSNorm computes its own formula in float64 instead."""
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = forward.__get__(module)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 def fmt(s, spec=".2e"):
     return f"{s['median']:{spec}} [{s['min']:{spec}}, {s['max']:{spec}}]"
@@ -192,6 +204,8 @@ def main(argv=None):
         else:
             model = runtime.load_reward_model(args.rm_dir, tok, trained=True)
         model = model.to(dtype).eval()  # eval: no dropout; the RMs here have none anyway
+        if dtype == torch.float64:
+            rms_norms_in_model_dtype(model)
         n = sum(p.numel() for p in model.parameters())
         results[point] = measure_point(model, pairs, samples, tok.pad_token_id, batch, args.meta_batch,
                                        [r * alpha for r in ratios], args.draws, args.seed)

@@ -105,3 +105,18 @@ def test_a_folder_without_args_json_is_one_line(tmp_path):
     import runtime
     with pytest.raises(runtime.UserError, match="args.json does not exist"):
         metastep.main(["--rm_dir", str(tmp_path)])
+
+
+def test_rms_norm_computes_in_float64():
+    """Patched, a float64 LlamaRMSNorm agrees with its own float32-cast formula to float32
+    rounding, and with the formula in float64 to float64 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(8).double()
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    before = norm(x)
+    metastep.rms_norms_in_model_dtype(torch.nn.Sequential(norm))
+    after = norm(x)
+    want = norm.weight * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert torch.allclose(after, want, rtol=1e-14, atol=0) and torch.allclose(before, want, rtol=1e-6)
+    assert not torch.allclose(before, want, rtol=1e-12, atol=0)  # the cast was there to remove
