@@ -1,0 +1,222 @@
+"""studies/pretrained_rm.py: vanilla reward modelling against MetaRM on a pretrained model, at
+the reward model (the pre-registered study, docs/study-pretrained-rm.md).
+
+Every RM starts from one SmolLM2 SFT model and is trained on the embedded task's pairs; MetaRM's
+meta data S are samples of a policy PPO has moved off SFT (pi_1), and every RM is measured on
+*held-out* samples H of that policy (test prompts, none of them in S). A seed s varies the RM's
+new head and data order (--seed s of both stages) and the samples S_s and H_s; the SFT model and
+pi_1 are shared. Per seed:
+
+    S_s  = sample.py  pi_1 on the first 64 training prompts x 5   (--seed 100 s + 1)
+    H_s  = sample.py  pi_1 on the first 96 test prompts x 5       (--seed 100 s + 2)
+    vanilla      reward_model.py  --seed s   (the RM settings below)
+    eta<r>       metarm.py        --seed s --meta_data S_s --eta r * alpha   (first_order)
+    measure      evaluate.py --measure <RM> --samples H_s --pairs <held-out pairs>
+
+    python studies/pretrained_rm.py run    --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
+    python studies/pretrained_rm.py report --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
+    python studies/pretrained_rm.py ratios --diagnostic docs/metastep-smollm2.json   # the eta grid
+
+`run` is resumable: each stage skips what its DONE says is done, each measurement is written
+under a temporary name and renamed, so a killed run picks up where it stopped. `report` prints
+the table: per arm the mean over seeds of each metric, and MetaRM minus vanilla paired on the
+seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustment across the
+eta values (primary endpoint: gold agreement on H).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import evaluate  # noqa: E402  (t_quantile, seed_interval)
+
+BASE = "runs/smollm2"
+SFT = f"{BASE}/seed1/sft"
+PI_1 = f"{BASE}/seed1/ppo_vanilla"  # 20 steps of vanilla PPO from SFT on the vanilla RM
+DATA = f"{BASE}/task/data"
+ALPHA = 2e-5
+RM_ARGS = ["--lr", str(ALPHA), "--warmup", "0.02", "--global_batch", "16", "--max_steps", "32",
+           "--eval_every", "1000", "--max_len", "96"]
+META_ARGS = ["--meta_grad", "first_order", "--meta_batch", "4"]
+SAMPLE_ARGS = ["--k", "5", "--max_prompt_len", "32", "--max_new_tokens", "48"]
+METRICS = ("shift/gold_agreement", "eval/accuracy", "shift/J", "shift/dr_var")  # the primary first
+
+
+def arm_name(ratio):
+    return "vanilla" if ratio is None else f"eta{ratio:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: one seed's samples, RMs and measurements, each step skipped when done
+# ---------------------------------------------------------------------------------------------
+def stage(script, *argv):
+    cmd = [sys.executable, os.path.join(ROOT, script), *argv]
+    print("+", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def measure(rm_dir, samples, out):
+    if os.path.exists(out):
+        return
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--measure", rm_dir, "--samples", samples,
+                        "--pairs", f"{DATA}/pairs_test.jsonl"], cwd=ROOT, check=True, capture_output=True, text=True)
+    start = p.stdout.index("{\n")  # the JSON evaluate.py prints last
+    result = json.loads(p.stdout[start:])
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"  {out}: gold agreement {result['shift/gold_agreement']:.4f}, accuracy {result['eval/accuracy']:.4f}",
+          flush=True)
+
+
+def run_seed(out_dir, seed, ratios):
+    d = os.path.join(out_dir, f"seed{seed}")
+    S, H = f"{d}/S", f"{d}/H"
+    stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_train.jsonl", "--max_prompts", "64",
+          "--seed", str(100 * seed + 1), "--output_dir", S, *SAMPLE_ARGS)
+    stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_test.jsonl", "--max_prompts", "96",
+          "--seed", str(100 * seed + 2), "--output_dir", H, *SAMPLE_ARGS)
+    os.makedirs(f"{d}/measure", exist_ok=True)
+    for ratio in [None, *ratios]:
+        rm = f"{d}/{arm_name(ratio)}"
+        common = ["--sft_dir", SFT, "--data", f"{DATA}/pairs_train.jsonl", "--eval_data", f"{DATA}/pairs_test.jsonl",
+                  "--output_dir", rm, "--seed", str(seed), *RM_ARGS]
+        if ratio is None:
+            stage("reward_model.py", *common)
+        else:
+            stage("metarm.py", *common, *META_ARGS, "--meta_data", f"{S}/meta.jsonl", "--eta", f"{ratio * ALPHA:g}")
+        measure(rm, f"{H}/meta.jsonl", f"{d}/measure/{arm_name(ratio)}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: the paired t-test and Holm's step-down adjustment
+# ---------------------------------------------------------------------------------------------
+def t_cdf(t, df, n=4000):
+    """P(T <= t) for Student's t with df degrees of freedom (Simpson's rule on the density)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda u: math.exp(log_c - (df + 1) / 2 * math.log1p(u * u / df))
+    a = abs(t)
+    h = a / n
+    s = density(0) + density(a) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+    half = s * h / 3
+    return 0.5 + half if t >= 0 else 0.5 - half
+
+
+def paired_t(diffs):
+    """Mean of the per-seed differences, its 95% t-interval and the two-sided p of t = mean / se."""
+    ci = evaluate.seed_interval(diffs)
+    n = len(diffs)
+    if ci["se"] == 0:
+        p = 1.0 if ci["mean"] == 0 else 0.0
+    else:
+        p = 2 * (1 - t_cdf(abs(ci["mean"]) / ci["se"], n - 1))
+    return {**ci, "p": max(0.0, min(1.0, p)), "n": n}
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values, in the order given."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+# ---------------------------------------------------------------------------------------------
+# The eta grid from the diagnostic (metastep.py --out at the SmolLM2 RM's end)
+# ---------------------------------------------------------------------------------------------
+def ratios_for(diagnostic, targets=(0.01, 0.1, 1.0), point="end", form="first_order"):
+    """The eta / alpha at which the median change of the gradient is `target` x the median
+    minibatch noise: log-log interpolation between the grid's points, beyond them extrapolated
+    with the slope of the two nearest; rounded to one significant digit."""
+    ratios = diagnostic["ratios"]
+    noise = diagnostic[point]["noise"]["median"]
+    curve = [(math.log(r), math.log(e["change"]["median"] / noise))
+             for r, e in zip(ratios, diagnostic[point][form]) if r > 0 and e["change"]["median"] > 0]
+    out = []
+    for target in targets:
+        y = math.log(target)
+        i = next((i for i in range(len(curve) - 1) if curve[i + 1][1] >= y), len(curve) - 2)
+        (x0, y0), (x1, y1) = curve[i], curve[i + 1]
+        x = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        r = math.exp(x)
+        digits = -int(math.floor(math.log10(r)))
+        out.append(float(f"{round(r, digits):g}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def report(out_dir, seeds, ratios):
+    values = {}
+    for ratio in [None, *ratios]:
+        for s in seeds:
+            path = os.path.join(out_dir, f"seed{s}", "measure", f"{arm_name(ratio)}.json")
+            if not os.path.exists(path):
+                raise SystemExit(f"{path} does not exist: run `studies/pretrained_rm.py run` for seed {s} first")
+            with open(path) as f:
+                values[arm_name(ratio), s] = json.load(f)
+    res = {"seeds": seeds, "ratios": ratios, "alpha": ALPHA, "arms": {}, "diffs": {}}
+    for ratio in [None, *ratios]:
+        a = arm_name(ratio)
+        res["arms"][a] = {m: evaluate.seed_interval([values[a, s][m] for s in seeds]) for m in METRICS}
+    for m in METRICS:
+        tests = {arm_name(r): paired_t([values[arm_name(r), s][m] - values["vanilla", s][m] for s in seeds])
+                 for r in ratios}
+        for a, adj in zip(tests, holm([t["p"] for t in tests.values()])):
+            tests[a]["p_holm"] = adj
+        res["diffs"][m] = tests
+    lines = [f"seeds {' '.join(map(str, seeds))} ({len(seeds)}); alpha {ALPHA:g}; mean [95% t-interval over seeds]", "",
+             "| arm | eta | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for ratio in [None, *ratios]:
+        a = arm_name(ratio)
+        eta = "0 (vanilla)" if ratio is None else f"{ratio:g} alpha = {ratio * ALPHA:.2g}"
+        lines.append(f"| {a} | {eta} | " + " | ".join(ci(res["arms"][a][m], 4) for m in METRICS) + " |")
+    lines += ["", "MetaRM - vanilla, paired on the seed: mean [95% t-interval], two-sided paired t p, Holm-adjusted p "
+              "across the eta values, verdict at 0.05 (Holm)", "",
+              "| metric | arm | difference | p | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+    for m in METRICS:
+        for a, t in res["diffs"][m].items():
+            word = ("higher" if t["mean"] > 0 else "lower") if t["p_holm"] < 0.05 else "no detectable difference"
+            lines.append(f"| {m} | {a} | {ci(t, 4)} | {t['p']:.3f} | {t['p_holm']:.3f} | {word} |")
+    return res, "\n".join(lines)
+
+
+def ci(x, digits):
+    return f"{x['mean']:+.{digits}f} [{x['lo']:+.{digits}f}, {x['hi']:+.{digits}f}]"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["run", "report", "ratios"])
+    p.add_argument("--seeds", default="1 2 3 4 5 6 7 8")
+    p.add_argument("--ratios", default="", help="eta / alpha of the MetaRM arms, space separated")
+    p.add_argument("--out_dir", default="runs/study-pretrained-rm")
+    p.add_argument("--diagnostic", default="docs/metastep-smollm2.json", help="ratios: metastep.py's --out")
+    args = p.parse_args(argv)
+    if args.mode == "ratios":
+        with open(args.diagnostic) as f:
+            print(" ".join(f"{r:g}" for r in ratios_for(json.load(f))))
+        return
+    seeds = [int(s) for s in args.seeds.split()]
+    ratios = [float(r) for r in args.ratios.split()]
+    if args.mode == "run":
+        for s in seeds:
+            run_seed(args.out_dir, s, ratios)
+    else:
+        res, text = report(args.out_dir, seeds, ratios)
+        name = os.path.join(args.out_dir, "report-seeds" + "-".join(map(str, seeds)))
+        with open(name + ".json.tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(name + ".json.tmp", name + ".json")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
