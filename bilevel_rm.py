@@ -177,7 +177,7 @@ def train(args):
         raise runtime.UserError("bilevel_rm.py differentiates through the policy's inner gradient steps: "
                                 "FSDP2 frees the gathered weights after backward; use --strategy ddp")
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "bilevel_rm")
     if run is None:  # done, with these settings
         return
 

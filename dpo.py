@@ -92,7 +92,7 @@ def implicit_accuracy(policy, ref, examples, pad_id, beta, d, batch=64):
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "dpo")
     if run is None:  # done, with these settings
         return
 

@@ -202,7 +202,7 @@ def train(args):
     d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     refuse_unsupported(args, d)
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "metarm")
     if run is None:  # done, with these settings
         return
 

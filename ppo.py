@@ -318,7 +318,7 @@ def train(args, d):
     if args.queries % d.world:
         raise runtime.UserError(f"--queries {args.queries} must be divisible by the number of processes {d.world}")
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "ppo")
     if run is None:  # done, with these settings
         return
     tok = runtime.load_tokenizer(args.policy_dir)

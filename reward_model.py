@@ -63,7 +63,7 @@ def pair_loss(r_w, r_l):
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "reward_model")
     if run is None:  # done, with these settings
         return
 

@@ -12,8 +12,10 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -668,14 +670,59 @@ def lock(folder):
     _LOCKS[key] = f
 
 
+# A run folder may come from elsewhere: nothing in it may run code when it is read. JSON files are
+# data; weights load with safetensors or torch.load(weights_only=True); and torch.distributed.checkpoint,
+# which unpickles a checkpoint's .metadata and its non-tensor entries, reads through the two classes
+# below: the metadata through an unpickler that builds only the checkpoint format's own classes, the
+# entries only after torch.load(weights_only=True) has accepted them.
+_METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _checkpoint_reader(path):
+    """A torch.distributed.checkpoint reader of `path` and a load planner, neither of which
+    unpickles anything but a checkpoint's own data."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)  # raises on anything but plain data
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return Reader(path), Planner()
+
+
 class Run:
     """A stage's output folder: args.json, metrics.jsonl, checkpoint/, and DONE written last.
     Run.open returns None when the folder is done with the same settings (skip the stage)."""
 
     @classmethod
-    def open(cls, path, args, d):
-        """Lock the folder, then: done with these settings -> None; done with other settings -> an
-        error naming them; else a Run that resumes from its checkpoint when there is one."""
+    def open(cls, path, args, d, stage):
+        """Lock the folder, then: done by this stage with these settings -> None; done by another
+        stage, or with other settings -> an error naming them; else a Run that resumes from its
+        checkpoint when there is one."""
         verdict = None
         if d.main:
             try:
@@ -686,34 +733,55 @@ class Run:
             except OSError as e:  # read-only, no permission, full disk
                 verdict = UserError(f"cannot write in {path}: {e.strerror}")
             else:
-                verdict = cls._done_verdict(path, dataclasses.asdict(args))
+                try:
+                    verdict = cls._done_verdict(path, stage, dataclasses.asdict(args))
+                except UserError as e:
+                    verdict = e
         verdict = broadcast_object(verdict)
         if isinstance(verdict, UserError):
             raise verdict
         if verdict == "done":
             d.print(f"{path} is done (DONE marker present, same settings): skipping")
             return None
-        return cls(path, args, d)
+        return cls(path, args, d, stage)
 
     @staticmethod
-    def _done_verdict(path, now):
+    def _done_verdict(path, stage, now):
+        """None (not done), "done" (by `stage`, same settings) or the UserError to raise."""
         if not is_done(path):
             return None
-        before = read_json(os.path.join(path, "DONE")).get("settings")
-        if before is None or not differences(before, now):  # no settings: predates this check
+        done = read_json(os.path.join(path, "DONE"))
+        if not isinstance(done, dict) or not isinstance(done.get("stage"), str) or not isinstance(done.get("settings"), dict):
+            return UserError(f"{path}/DONE is not a marker this project's stages write (a JSON object naming its "
+                             "stage and settings): delete the folder to run the stage there")
+        if done["stage"] != stage:
+            return UserError(f"{path} holds the output of {done['stage']}, not of {stage}: use another "
+                             "--output_dir")
+        before = done["settings"]
+        if not differences(before, now):
             return "done"
         return UserError(f"{path} is done with other settings ({differences(before, now)} "
                          "(before -> now)): use another --output_dir, or delete the folder to redo it")
 
-    def __init__(self, path, args, d):
-        self.path, self.d, self.t0 = path, d, time.time()
+    def __init__(self, path, args, d, stage=""):
+        self.path, self.d, self.t0, self.stage = path, d, time.time(), stage
         self.args = dataclasses.asdict(args)
         self.ckpt = os.path.join(path, "checkpoint")
         if d.main:
             os.makedirs(path, exist_ok=True)
             old = os.path.join(path, "args.json")
             if self.has_checkpoint():
-                before = settings(read_json(old)) if os.path.exists(old) else {}
+                saved = read_json(os.path.join(self.checkpoint_path(), "state.json"))
+                if not isinstance(saved, dict):
+                    raise UserError(f"{self.checkpoint_path()}/state.json is damaged (not a JSON object): delete "
+                                    "the checkpoint to start this stage over")
+                if saved.get("stage") and stage and saved["stage"] != stage:
+                    raise UserError(f"{path} holds a checkpoint of {saved['stage']}, not of {stage}: use another "
+                                    "--output_dir")
+                if isinstance(saved.get("settings"), dict):  # what the checkpoint was computed with
+                    before = saved["settings"]
+                else:  # a checkpoint that predates recording them
+                    before = settings(read_json(old)) if os.path.exists(old) else {}
                 diff = differences(before, settings(self.args))
                 if diff:
                     raise UserError(f"{path} holds a checkpoint of a run with other arguments ({diff} "
@@ -725,8 +793,14 @@ class Run:
             os.replace(old + ".tmp", old)
         barrier()
 
+    def checkpoint_path(self):
+        """The checkpoint to resume from (checkpoint/, or checkpoint.old/ when a kill came between
+        the two renames of save_checkpoint), or None."""
+        return next((self.ckpt + s for s in ("", ".old") if os.path.exists(os.path.join(self.ckpt + s, "state.json"))),
+                    None)
+
     def has_checkpoint(self):
-        return any(os.path.exists(os.path.join(self.ckpt + s, "state.json")) for s in ("", ".old"))
+        return self.checkpoint_path() is not None
 
     def log(self, step, metrics):
         now = time.time()
@@ -747,8 +821,9 @@ class Run:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if not bad:
             return
-        kept = (f"the last checkpoint ({self.ckpt}) is kept: lower the learning rate and re-run "
-                "with the same arguments to resume from it, or delete the folder"
+        kept = (f"the last checkpoint ({self.ckpt}) is kept, but it resumes only under the same arguments: "
+                "to go on with a lower learning rate, delete this folder (or pick another --output_dir) and "
+                "run again"
                 if self.has_checkpoint() else "no checkpoint had been saved yet")
         raise UserError(f"{self.path}: step {step + 1}: non-finite "
                         f"{', '.join(f'{k} = {v}' for k, v in bad.items())}; stopped before the "
@@ -774,7 +849,7 @@ class Run:
         barrier()
         if self.d.main:
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, **(state or {})}, f)
+                json.dump({"step": step, "stage": self.stage, "settings": settings(self.args), **(state or {})}, f)
             if os.path.exists(self.ckpt):
                 shutil.rmtree(self.ckpt + ".old", ignore_errors=True)
                 os.replace(self.ckpt, self.ckpt + ".old")
@@ -789,19 +864,28 @@ class Run:
         generators (when the world size is the one it was saved with); its state dict, or None."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        path = next((self.ckpt + s for s in ("", ".old")
-                     if os.path.exists(os.path.join(self.ckpt + s, "state.json"))), None)
+        path = self.checkpoint_path()
         if path is None:
             return None
         sd = {}
         for name, (model, opt) in parts.items():
             sd[f"{name}/model"], sd[f"{name}/optim"] = get_state_dict(model, opt)
         state = read_json(os.path.join(path, "state.json"))
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise UserError(f"the checkpoint {path} has no .metadata (an unfinished save?): delete it to start "
+                            "this stage over")
+        reader, planner = _checkpoint_reader(path)
         try:
-            dcp.load(sd, checkpoint_id=path, no_dist=not dist.is_initialized())
+            logging.disable(logging.CRITICAL)  # torch logs a traceback for every rank-local file it tries
+            try:
+                dcp.load(sd, checkpoint_id=path, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+            finally:
+                logging.disable(logging.NOTSET)
             rng_file = os.path.join(path, f"rng{self.d.rank}.pt")
             rng = torch.load(rng_file, weights_only=True) if os.path.exists(rng_file) else None
         except (Exception, dcp.api.CheckpointException) as e:  # many types on a damaged file
+            if isinstance(e, dcp.api.CheckpointException) and e.failures:  # the first process's own error
+                e = next(iter(e.failures.values()))[0]
             raise UserError(f"the checkpoint {path} cannot be read ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:160]}): delete it to start this "
                             "stage over") from None
@@ -836,7 +920,8 @@ class Run:
             summary = {**summary, "precision": self.d.precision_why, "wall_time_s": round(time.time() - self.t0, 1),
                        "peak_rss_gb": round(peak_rss_gb(), 2)}
             with open(os.path.join(self.path, "DONE.tmp"), "w") as f:
-                json.dump({**summary, "settings": settings(self.args)}, f, indent=2)
+                json.dump({**summary, "stage": self.stage or summary.get("stage"), "settings": settings(self.args)},
+                          f, indent=2)
             os.replace(os.path.join(self.path, "DONE.tmp"), os.path.join(self.path, "DONE"))
             shutil.rmtree(self.ckpt, ignore_errors=True)
             shutil.rmtree(self.ckpt + ".old", ignore_errors=True)

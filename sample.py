@@ -77,7 +77,7 @@ def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
 def main(argv=None):
     args = runtime.parse_args(Args, __doc__, argv)
     d = runtime.init_distributed(args.strategy, args.precision, args.policy_dir)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "sample")
     if run is None:  # done, with these settings
         return
     runtime.set_seed(args.seed + d.rank)

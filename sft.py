@@ -55,7 +55,7 @@ def sft_loss_sum(logits, labels):
 def train(args):
     d = runtime.init_distributed(args.strategy, args.precision, args.model_name_or_path)
     runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d)
+    run = runtime.Run.open(args.output_dir, args, d, "sft")
     if run is None:  # done, with these settings
         return
 

@@ -85,7 +85,7 @@ def test_injected_non_finite_loss_stops_the_stage(micro, micro_sft, micro_rm, tm
 
 def test_injected_nan_names_step_and_quantity(micro, tmp_path):
     d = runtime.Dist()
-    run = runtime.Run.open(str(tmp_path / "r"), sft.Args(output_dir=str(tmp_path / "r")), d)
+    run = runtime.Run.open(str(tmp_path / "r"), sft.Args(output_dir=str(tmp_path / "r")), d, "sft")
     run.stop_unless_finite(3, **{"train/loss": 0.5})  # finite: nothing happens
     with pytest.raises(runtime.UserError, match=r"step 4: non-finite train/loss = nan.*no checkpoint"):
         run.stop_unless_finite(3, **{"train/loss": float("nan"), "train/grad_norm": 1.0})
@@ -140,6 +140,32 @@ def test_done_with_other_settings_is_refused(micro, tmp_path, capsys):
     assert os.path.getmtime(out / "DONE") == stamp
 
 
+def test_a_folder_done_by_another_stage_is_refused(micro, micro_sft, micro_rm, tmp_path):
+    """A vanilla RM's folder is not a MetaRM's, an SFT folder not a sample's: the second stage
+    refuses, naming both, and leaves the folder as it was."""
+    rm_copy, sft_copy = shutil.copytree(micro_rm, tmp_path / "rm"), shutil.copytree(micro_sft, tmp_path / "sft")
+    before = (rm_copy / "DONE").read_text()
+    samples = tmp_path / "samples"
+    sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl", "--output_dir",
+                 str(samples), "--max_prompts", "4", "--k", "2", "--max_new_tokens", "4"])
+    with pytest.raises(runtime.UserError, match=r"holds the output of reward_model, not of metarm: use another --output_dir"):
+        metarm.main(["--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", "",
+                     "--meta_data", str(samples / "meta.jsonl"), "--output_dir", str(rm_copy), "--max_steps", "1"])
+    assert (rm_copy / "DONE").read_text() == before
+    with pytest.raises(runtime.UserError, match=r"holds the output of sft, not of sample"):
+        sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+                     "--output_dir", str(sft_copy), "--max_prompts", "4"])
+
+
+@pytest.mark.parametrize("marker", ["{}", "[]", "null", '{"stage": "sft"}', '{"settings": {}}'])
+def test_a_done_marker_this_project_did_not_write_is_refused(micro, tmp_path, marker):
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "DONE").write_text(marker)
+    with pytest.raises(runtime.UserError, match=r"DONE is not a marker this project's stages write"):
+        sft.main(sft_argv(micro, out))
+
+
 def test_fresh_start_does_not_keep_old_metrics(micro, tmp_path):
     """A run killed before its first checkpoint leaves metrics.jsonl: the restart starts it over."""
     out = tmp_path / "sft"
@@ -152,7 +178,7 @@ def test_fresh_start_does_not_keep_old_metrics(micro, tmp_path):
 def test_checkpoint_goes_only_after_done(micro, tmp_path, monkeypatch):
     """A kill between DONE and removing the checkpoint must leave DONE, not a folder to redo."""
     out = str(tmp_path / "r")
-    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist())
+    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
     os.makedirs(os.path.join(out, "checkpoint"))
     open(os.path.join(out, "checkpoint", "state.json"), "w").write('{"step": 1}')
 
@@ -350,7 +376,7 @@ def test_damaged_model_folders(micro_sft, tmp_path):
 
 def test_damaged_checkpoint(micro, tmp_path):
     out = str(tmp_path / "sft")
-    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist())
+    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
     model = runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"]))
     opt = torch.optim.AdamW(model.parameters())
     run.save_checkpoint(1, {"model": (model, opt)})
@@ -360,6 +386,86 @@ def test_damaged_checkpoint(micro, tmp_path):
                 f.truncate(10)
     with pytest.raises(runtime.UserError, match=r"the checkpoint .*checkpoint cannot be read .*delete it"):
         run.load_checkpoint({"model": (model, opt)})
+
+
+class _Payload:
+    """Unpickled, creates the file it names: what a crafted checkpoint would do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def small_checkpoint(tmp_path):
+    out = str(tmp_path / "sft")
+    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    opt.step()
+    run.save_checkpoint(1, {"model": (model, opt)})
+    return run, model, opt, os.path.join(out, "checkpoint")
+
+
+def test_a_crafted_checkpoint_metadata_runs_no_code(tmp_path, capfd):
+    import pickle
+    run, model, opt, ckpt = small_checkpoint(tmp_path)
+    marker = tmp_path / "ran"
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    with pytest.raises(runtime.UserError, match=r"cannot be read \(.*(builtins|io)\.open is not part of a checkpoint's metadata"):
+        run.load_checkpoint({"model": (model, opt)})
+    assert not marker.exists()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_checkpoint_resumes_through_the_restricted_readers(tmp_path):
+    """The optimizer's non-tensor entries (its param_groups) are plain data: they pass the
+    weights-only check and come back as saved."""
+    run, model, opt, ckpt = small_checkpoint(tmp_path)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+    with torch.no_grad():
+        model.weight.zero_()
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
+    assert run.load_checkpoint({"model": (model, opt2)})["step"] == 1
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt2.state_dict()["param_groups"]] == groups
+
+
+def test_a_crafted_checkpoint_entry_is_not_unpickled(tmp_path):
+    import io
+    import pickle
+    marker = tmp_path / "ran"
+    _, planner = runtime._checkpoint_reader(str(tmp_path))
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(_Payload(str(marker)))))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_metadata_is_one_line(tmp_path, capfd):
+    run, model, opt, ckpt = small_checkpoint(tmp_path)
+    os.remove(os.path.join(ckpt, ".metadata"))
+    with pytest.raises(runtime.UserError, match=r"has no .metadata \(an unfinished save\?\): delete it"):
+        run.load_checkpoint({"model": (model, opt)})
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_checkpoint_is_resumed_under_the_settings_it_was_saved_with(tmp_path):
+    """args.json is rewritten by every start; the checkpoint's own record of its settings and
+    stage is what a resume is held to."""
+    run, *_ = small_checkpoint(tmp_path)
+    out = run.path
+    with open(os.path.join(out, "args.json")) as f:
+        edited = {**json.load(f), "lr": 0.5}
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(edited, f)
+    with pytest.raises(runtime.UserError, match=r"holds a checkpoint of a run with other arguments \(--lr 0.005 -> 0.5"):
+        runtime.Run.open(out, sft.Args(output_dir=out, lr=0.5), runtime.Dist(), "sft")
+    assert runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft").has_checkpoint()
+    with pytest.raises(runtime.UserError, match=r"holds a checkpoint of sft, not of dpo"):
+        runtime.Run.open(out, dpo.Args(output_dir=out), runtime.Dist(), "dpo")
 
 
 def test_snapshot_done_is_written_last(micro_sft, tmp_path, monkeypatch):
