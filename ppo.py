@@ -329,8 +329,7 @@ def train(args, d):
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
     policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     ref = runtime.wrap(runtime.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
-    for other in filter(None, (args.ref_dir, args.rm_dir)):
-        runtime.same_tokenizer(tok, args.policy_dir, runtime.load_tokenizer(other), other)
+    # (the reference and the reward model must share the policy's tokenizer: runtime.check_tokenizer)
     reward = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
     stats = load_reward_stats(args.rm_dir)
     critic = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)

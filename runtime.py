@@ -461,6 +461,21 @@ def _from_pretrained(cls, name, **kw):
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(name, tok):
+    """Every model loaded beside a tokenizer comes through here (load_causal_lm,
+    load_reward_model): a folder that carries a tokenizer of its own must carry `tok`'s, or its
+    token ids would mean other things. A hub name or a folder without tokenizer files is taken
+    as it is."""
+    source = getattr(tok, "name_or_path", "")
+    if (not os.path.isdir(name) or not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES)
+            or (source and os.path.realpath(source) == os.path.realpath(name))):
+        return
+    same_tokenizer(tok, source or "the tokenizer", load_tokenizer(name), name)
+
+
 def same_tokenizer(tok, name, other, other_name):
     """Refuse two models whose tokenizers differ (vocabulary or special tokens): their token ids
     would mean different things to each other."""
@@ -496,6 +511,7 @@ def load_causal_lm(name, tok):
     if model_kind(name) == "reward model":
         raise UserError(f"{name} is a reward model (sequence classification), not a causal LM: "
                         "pass a policy (an SFT, DPO or PPO folder)")
+    check_tokenizer(name, tok)
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
     return _fit_vocab(no_dropout(model), tok)
 
@@ -576,6 +592,7 @@ def load_reward_model(name, tok, trained=True):
     if not trained and kind == "reward model":
         raise UserError(f"{name} is a reward model, not the SFT model a new reward model "
                         "starts from (metarm.py --init_rm starts from a reward model)")
+    check_tokenizer(name, tok)
     hf = _from_pretrained(AutoModelForSequenceClassification, name, num_labels=1, dtype=torch.float32)
     if not hasattr(hf, "score"):
         raise UserError(f"{type(hf).__name__} has no 'score' head; use a decoder model "

@@ -219,6 +219,24 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
     tok.save_pretrained(str(other))
     with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
         ppo.main(ppo_argv(micro, micro_sft, str(other), tmp_path / "p"))
+    # --init_rm went around the check: every loader goes through it now, and nothing is written
+    samples = tmp_path / "samples"
+    sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl", "--output_dir",
+                 str(samples), "--max_prompts", "4", "--k", "2", "--max_new_tokens", "4"])
+    pairs = f"{micro['data']}/pairs_train.jsonl"
+    for name, main, argv in [
+            ("metarm", metarm.main, ["--meta_data", str(samples / "meta.jsonl"), "--max_steps", "1"]),
+            ("bilevel", bilevel_rm.main, ["--support", str(samples / "meta.jsonl"), "--steps", "1"])]:
+        out = tmp_path / name
+        with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
+            main(["--sft_dir", micro_sft, "--init_rm", str(other), "--data", pairs, "--eval_data", "",
+                  "--output_dir", str(out), *argv])
+        assert not runtime.is_done(out) and not os.path.exists(out / "model.safetensors"), name
+    other_lm = tmp_path / "sft_other_tok"
+    shutil.copytree(micro_sft, other_lm)
+    tok.save_pretrained(str(other_lm))
+    with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*sft_other_tok differ"):
+        ppo.main(ppo_argv(micro, micro_sft, micro_rm, tmp_path / "q") + ["--ref_dir", str(other_lm)])
 
 
 # --- 5. every numeric flag is checked when the command line is parsed ----------------------------
