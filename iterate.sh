@@ -206,6 +206,10 @@ stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
 threads() {
   if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
 }
+oracle_labels() {  # oracle_labels FOLDER META SEED: the task's annotator labels the samples; + the pairs
+  mkdir -p "$1" && python task.py --label "$2" --out "$1/new_pairs.jsonl" --pairs "$ORACLE_PAIRS" --seed "$3" \
+    && cat "$PAIRS" "$1/new_pairs.jsonl" > "$1/pairs.jsonl.tmp" && mv "$1/pairs.jsonl.tmp" "$1/pairs.jsonl"
+}
 will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
   if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
 }
@@ -283,8 +287,7 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
       oracle)
         RM="$D/rm"
         stage "seed $SEED $A round $K: $ORACLE_PAIRS new labels on the samples" "$D/pairs.jsonl" "$D/pairs.jsonl" \
-          bash -c "mkdir -p '$D' && python task.py --label '$META' --out '$D/new_pairs.jsonl' --pairs '$ORACLE_PAIRS' --seed '$((SEED * 100 + K))' \
-                   && cat '$PAIRS' '$D/new_pairs.jsonl' > '$D/pairs.jsonl.tmp' && mv '$D/pairs.jsonl.tmp' '$D/pairs.jsonl'"
+          oracle_labels "$D" "$META" "$((SEED * 100 + K))"
         stage "seed $SEED $A round $K: reward model on the original + new pairs" "$D/rm" "$D/rm/DONE" \
           launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$D/pairs.jsonl" --eval_data "$EVAL_PAIRS" \
             --output_dir "$D/rm" --seed "$SEED" ${RM_ARGS:-};;

@@ -52,12 +52,21 @@ STAGES = ["seed 1: sft", "seed 1: vanilla reward model", "seed 1: vanilla PPO (2
 
 @pytest.fixture(scope="module")
 def first(micro, tmp_path_factory):
-    """The first iterate.sh on a fresh RUN_DIR, every arm, branches side by side (LANES=2)."""
-    run_dir = str(tmp_path_factory.mktemp("iterate") / "run")
+    """The first iterate.sh on a fresh RUN_DIR, every arm, branches side by side (LANES=2). The
+    RUN_DIR's name would run a command wherever a shell string were built from a path (a quote
+    that closes '...', then $(touch <base>/PWNED)): checked by test_no_path_is_run_as_a_command."""
+    base = str(tmp_path_factory.mktemp("iterate"))
+    run_dir = f"{base}/x'$(touch${{IFS}}{base}/PWNED)'/run"
     ran, skipped, out = iterate(run_dir, micro, LANES="2")
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
-    return {"run_dir": run_dir, "ran": ran, "skipped": skipped, "out": out, "res": res}
+    return {"run_dir": run_dir, "base": base, "ran": ran, "skipped": skipped, "out": out, "res": res}
+
+
+def test_no_path_is_run_as_a_command(first):
+    """Every arm ran (the oracle's labelling step built a `bash -c` string from folder names)."""
+    assert "seed 1 oracle round 1: 16 new labels on the samples" in first["ran"]
+    assert not os.path.exists(os.path.join(first["base"], "PWNED"))
 
 
 def test_every_stage_runs_once_sft_first_evaluation_last(first):
