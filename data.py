@@ -318,11 +318,14 @@ class Encoder:
         self.tok, self.max_len, self.truncate, self.cut = tok, max_len, truncate, Counter()
 
     def prompt(self, prompt):
-        return self.tok(prompt)["input_ids"]
+        # split_special_tokens: a "</s>" or "<pad>" written in a row is text, tokenized as text;
+        # only the encoder itself puts BOS, EOS and PAD ids in a sequence
+        return self.tok(prompt, split_special_tokens=True)["input_ids"]
 
     def __call__(self, prompt, response, where="", eos=True):
         p = self.prompt(prompt)
-        r = self.tok(response, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if eos else [])
+        r = (self.tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+             + ([self.tok.eos_token_id] if eos else []))
         if len(p) + len(r) > self.max_len:
             if not self.truncate:
                 raise DataError(f"{where}: {len(p) + len(r)} tokens, more than --max_len "

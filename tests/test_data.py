@@ -103,3 +103,18 @@ def test_too_long_rows(micro):
     enc = data.Encoder(tok, max_len=6, truncate=True)
     p, r = enc(prompt, response)
     assert p == p_ids[-3:] and r == r_ids[:3] and enc.cut["response cut from the right"] == 1
+
+
+def test_special_token_strings_in_rows_stay_text(micro):
+    """A '</s>' or '<pad>' written in a row is text: no EOS, BOS or PAD id comes from it (PPO
+    would take a literal <pad> in a prompt for padding), and it decodes back as written."""
+    tok = runtime.load_tokenizer(micro["base"])
+    specials = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}
+    written = " ".join(tok.all_special_tokens)
+    enc = data.Encoder(tok, 256)
+    p, r = "\n\nHuman: say " + written + " ?\n\nAssistant:", " " + written + " ."
+    prompt_ids, response_ids = enc(p, r)
+    assert not specials & set(prompt_ids[1:]), prompt_ids  # [0]: the tokenizer's own BOS
+    assert response_ids[-1] == tok.eos_token_id and not specials & set(response_ids[:-1])
+    assert tok.decode(response_ids, skip_special_tokens=True) == r
+    assert written in tok.decode(prompt_ids, skip_special_tokens=True)
