@@ -28,6 +28,7 @@ matplotlib installed it also draws figure1/4/5.png and gold_per_round.png.
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -195,8 +196,49 @@ def diversity(texts):
 # ---------------------------------------------------------------------------------------------
 # Sampling and judging
 # ---------------------------------------------------------------------------------------------
+# What makes a seed's evaluation: iterate.sh's aggregation refuses seeds evaluated otherwise.
+EVAL_SETTINGS = ("rounds", "arms", "n_prompts", "judge", "tie_margin", "temperature", "top_p", "repetition_penalty",
+                 "max_new_tokens", "seed", "skip_bad_rows")
+EVAL_FILES = ("prompts", "pairs", "raw_pairs")  # by content: the same task's files agree wherever they lie
+
+
+def eval_settings(args):
+    out = {k: getattr(args, k) for k in EVAL_SETTINGS}
+    for k in EVAL_FILES:
+        path = getattr(args, k)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[k] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        else:  # a hub data set's name
+            out[k] = path
+    return out
+
+
+def fingerprint(folder):
+    """What identifies a saved policy without reading its weights: its DONE marker's text and
+    its weight files' sizes and modification times."""
+    parts = []
+    for name in sorted(os.listdir(folder)):
+        if name == "DONE" or name.endswith(".safetensors"):
+            st = os.stat(os.path.join(folder, name))
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+            if name == "DONE":
+                with open(os.path.join(folder, name), "rb") as f:
+                    parts.append(hashlib.sha256(f.read()).hexdigest())
+    return parts
+
+
+def cache_name(eval_dir, name, policy_dir, prompts, args):
+    """<eval_dir>/<name>.<key>.jsonl: the key hashes everything the responses depend on (the
+    policy, the prompts, the sampling settings), so a changed one is a new file, never a stale one."""
+    key = json.dumps({"policy": fingerprint(policy_dir), "prompts": prompts,
+                      "sampling": [args.seed, args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens]})
+    return os.path.join(eval_dir, f"{name.replace('/', '__')}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl")
+
+
 def responses(policy_dir, prompts, args, cache, d):
-    """One response per prompt from a policy, sampled with a fixed seed; cached as JSON lines."""
+    """One response per prompt from a policy, sampled with a fixed seed; cached as JSON lines
+    (under a name that holds the cache's key: cache_name)."""
     if os.path.exists(cache):
         with open(cache) as f:
             return [json.loads(line)["response"] for line in f]
@@ -487,11 +529,12 @@ def evaluate(args, d):
     judge = Judge(args.judge, d)
     texts, scores, empty = {}, {}, {}
     for name, path in runtime.progress(policies.items(), d, desc="evaluate", total=len(policies)):
-        texts[name] = responses(path, prompts, args, f"{run}/eval/{name.replace('/', '__')}.jsonl", d)
+        texts[name] = responses(path, prompts, args, cache_name(f"{run}/eval", name, path, prompts, args), d)
         scores[name] = judge(prompts, texts[name])
         empty[name] = [not t.strip() for t in texts[name]]
 
     res = {"config": {"rounds": R, "arms": arms, "ppo_steps": steps, "prompts": len(prompts), "judge": args.judge,
+                      "eval_settings": eval_settings(args),
                       "tie_margin": args.tie_margin, "precision": d.precision_why, "settings": {a: arm_settings(run, a) for a in arms}},
            "judge_mean": {k: sum(v) / len(v) for k, v in scores.items()}, "scores": scores, "empty": empty}
     wtl = lambda a, b: win_tie_lose(scores[a], scores[b], args.tie_margin, empty[a], empty[b])
@@ -546,6 +589,21 @@ def pool(results):
 
 
 POOLED = ("judge_mean", "table1", "table3", "rounds", "figure1", "figure4", "ppo_curves")  # mean +- std over seeds
+
+
+def check_evaluated_alike(path, result, args):
+    """A seed's results.json was made with the evaluation settings the aggregation is given (a
+    hand-run evaluate.py with others would otherwise be pooled without a word)."""
+    before = (result.get("config") or {}).get("eval_settings") if isinstance(result, dict) else None
+    if not isinstance(before, dict):
+        raise runtime.UserError(f"{path} records no evaluation settings (damaged, or written by an older "
+                                "evaluate.py): delete its eval folder and run iterate.sh again to re-evaluate it")
+    now = {k: v for k, v in eval_settings(args).items() if k not in ("rounds", "arms")}  # report() checks those
+    diff = runtime.differences(before, now)
+    if diff:
+        raise runtime.UserError(f"{path} was evaluated with other settings ({diff} (that seed -> this report)): "
+                                f"delete {os.path.dirname(path)} and run iterate.sh again, or aggregate with that "
+                                "seed's settings")
 
 
 def report(results, seeds, n_boot, arms):
@@ -730,8 +788,8 @@ def main(argv=None):
             path = os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")
             if not os.path.exists(path):
                 raise runtime.UserError(f"{path} does not exist: evaluate seed {s} first (iterate.sh does)")
-            with open(path) as f:
-                results.append(json.load(f))
+            results.append(runtime.read_json(path))
+            check_evaluated_alike(path, results[-1], args)
         res = report(results, seeds, args.n_boot, args.arms.split())
         out = args.out_dir or args.aggregate
         os.makedirs(out, exist_ok=True)
@@ -747,8 +805,9 @@ def main(argv=None):
     seed = os.path.basename(args.run_dir.rstrip("/")).removeprefix("seed")
     rep = report([res], [seed], args.n_boot, arms)  # this seed's intervals: over prompts only
     save({**res, **{k: rep[k] for k in ("config", "gold", "comparisons", "rm_comparisons", "table2")}}, out)
-    with open(os.path.join(out, "DONE"), "w") as f:
-        json.dump({"stage": "evaluate", "judge_mean": res["judge_mean"]}, f)
+    with open(os.path.join(out, "DONE.tmp"), "w") as f:
+        json.dump({"stage": "evaluate", "judge_mean": res["judge_mean"], "settings": eval_settings(args)}, f)
+    os.replace(os.path.join(out, "DONE.tmp"), os.path.join(out, "DONE"))
     print(json.dumps({"stage": "evaluate", "judge_mean": res["judge_mean"]}))
 
 

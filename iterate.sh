@@ -428,5 +428,6 @@ else  # seeds side by side, each in its own log; the cores (or GPUs) divided bet
   [ -z "$failed" ] || fail "seed(s)$failed failed: see $RUN_DIR/seed<S>.log, fix and re-run to resume"
 fi
 
-python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS" --arms "$ARMS"
+python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS" --arms "$ARMS" \
+  --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
 echo "total: $((SECONDS - T_START)) s. Report: $RUN_DIR/results.md (numbers: $RUN_DIR/results.json)"

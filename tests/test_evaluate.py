@@ -164,3 +164,27 @@ def test_reward_models_are_measured_at_their_own_lengths(micro, micro_rm, tmp_pa
     snapshot = rm / "step2"  # a PPO snapshot reads its run's args.json
     snapshot.mkdir()
     assert ev.trained_lengths(str(snapshot), None) == (4096, args["truncate"])
+
+
+def test_cached_responses_are_keyed_by_what_made_them(micro_sft, tmp_path):
+    """The cache's name changes with the policy (its DONE, its weights), the prompts and every
+    sampling setting, and with nothing else."""
+    import json
+    import os
+    import shutil
+    import types
+    policy = shutil.copytree(micro_sft, tmp_path / "policy")
+    args = types.SimpleNamespace(seed=1, temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8)
+    name = lambda prompts=("a", "b"), **kw: ev.cache_name(str(tmp_path / "eval"), "sft", str(policy), list(prompts),
+                                                          types.SimpleNamespace(**{**vars(args), **kw}))
+    first = name()
+    assert name() == first and os.path.dirname(first) == str(tmp_path / "eval")
+    changed = [name(prompts=("a",)), name(prompts=("a", "c")), name(temperature=0.7), name(top_p=0.9), name(seed=2),
+               name(repetition_penalty=1.1), name(max_new_tokens=9)]
+    assert first not in changed and len(set(changed)) == len(changed)
+    done = json.loads((policy / "DONE").read_text())
+    (policy / "DONE").write_text(json.dumps({**done, "steps": 99}))
+    assert name() != first
+    again = name()
+    os.utime(policy / "model.safetensors", ns=(1, 1))  # other weights in the same place
+    assert name() != again

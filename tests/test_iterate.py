@@ -153,17 +153,40 @@ def test_vanilla_round_one_is_vanilla_ppos_first_steps(first):
     assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
 
 
-def test_a_report_on_some_arms_has_only_theirs(first, tmp_path):
+def eval_flags(micro):
+    """The evaluation settings iterate() gives (the same files by content, wherever they lie)."""
+    return ["--prompts", f"{micro['data']}/prompts_test.jsonl", "--pairs", f"{micro['data']}/pairs_test.jsonl",
+            "--raw_pairs", f"{micro['data']}/pairs_train.jsonl", "--n_prompts", "20", "--max_new_tokens", "12"]
+
+
+def test_a_report_on_some_arms_has_only_theirs(first, micro, tmp_path):
     """evaluate.py --aggregate on some of the arms: only their policies; an arm no seed was
     evaluated with is refused."""
     evaluate.main(["--aggregate", first["run_dir"], "--seeds", "1", "--rounds", "1", "--arms", "metarm",
-                   "--out_dir", str(tmp_path / "sub"), "--n_boot", "100"])
+                   "--out_dir", str(tmp_path / "sub"), "--n_boot", "100", *eval_flags(micro)])
     with open(tmp_path / "sub" / "results.json") as f:
         sub = json.load(f)
     assert set(sub["gold"]) == {"sft", "vanilla_ppo/step2", "metarm/round1"} and set(sub["rounds"]) == {"metarm"}
     with pytest.raises(runtime.UserError, match="re-run iterate.sh"):
         evaluate.main(["--aggregate", first["run_dir"], "--seeds", "1", "--rounds", "1", "--arms", "metarm+eta=1",
-                       "--out_dir", str(tmp_path / "sub")])
+                       "--out_dir", str(tmp_path / "sub"), *eval_flags(micro)])
+
+
+def test_a_seed_evaluated_otherwise_is_not_pooled(first, micro, tmp_path):
+    """A seed's results.json made with other evaluation settings (a hand-run evaluate.py) is
+    refused by the aggregation iterate.sh runs, naming the setting; so is one that records none."""
+    with open(os.path.join(first["run_dir"], "seed1", "eval", "results.json")) as f:
+        res = json.load(f)
+    (tmp_path / "seed1" / "eval").mkdir(parents=True)
+    res["config"]["eval_settings"]["n_prompts"] = 10
+    (tmp_path / "seed1" / "eval" / "results.json").write_text(json.dumps(res))
+    argv = ["--aggregate", str(tmp_path), "--seeds", "1", "--rounds", "1", "--arms", "metarm", *eval_flags(micro)]
+    with pytest.raises(runtime.UserError, match=r"evaluated with other settings \(--n_prompts 10 -> 20"):
+        evaluate.main(argv)
+    del res["config"]["eval_settings"]
+    (tmp_path / "seed1" / "eval" / "results.json").write_text(json.dumps(res))
+    with pytest.raises(runtime.UserError, match=r"records no evaluation settings"):
+        evaluate.main(argv)
 
 
 def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
