@@ -165,11 +165,21 @@ flock -n 9 || fail "RUN_DIR=$RUN_DIR is in use by another iterate.sh ($(cat "$RU
 echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
 # What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
 # LANES, NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
-SETTINGS=$( [ -z "${TASK_ARGS:-}" ] || echo "TASK_ARGS=$TASK_ARGS"  # (absent when empty: older RUN_DIRs still match)
-           for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
-                    TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
-             echo "$v=${!v:-}"; done)
-if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]; then
+# Paths inside RUN_DIR are recorded as <RUN_DIR>/...: runs/x, ./runs/x/ and /abs/runs/x are one RUN_DIR.
+settings() {  # settings SPELLING: the settings, RUN_DIR written as SPELLING
+  [ -z "${TASK_ARGS:-}" ] || echo "TASK_ARGS=$TASK_ARGS"  # (absent when empty: older RUN_DIRs still match)
+  local v val
+  for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
+           TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
+    val=${!v:-}
+    [ "$v" = "${v%_ARGS}" ] && [ "${val#"$RUN_DIR"/}" != "$val" ] && val="$1/${val#"$RUN_DIR"/}"
+    echo "$v=$val"
+  done
+}
+SETTINGS=$(settings "<RUN_DIR>")
+OLD_ROOT=$(sed -n 's|^MODEL=\(.*\)/task/base_model$|\1|p' "$RUN_DIR/settings" 2>/dev/null || true)  # as older runs wrote it
+if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ] \
+   && { [ -z "$OLD_ROOT" ] || [ "$(cat "$RUN_DIR/settings")" != "$(settings "$OLD_ROOT")" ]; }; then
   fail "RUN_DIR=$RUN_DIR was run with other settings: $(diff <(cat "$RUN_DIR/settings") <(echo "$SETTINGS") \
     | sed -n 's/^< /before /p; s/^> /now /p' | tr '\n' ';' | sed 's/;/; /g')use another RUN_DIR, or delete it"
 fi

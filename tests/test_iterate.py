@@ -8,6 +8,8 @@ iterate.sh before the first stage, Ctrl-C ends every stage, a failed branch stop
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import time
 
@@ -214,6 +216,32 @@ def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
 def test_a_second_invocation_skips_every_stage(first, micro):
     ran, skipped, _ = iterate(first["run_dir"], micro)
     assert ran == [] and sorted(skipped) == sorted(STAGES)
+
+
+def test_another_spelling_of_the_run_dir_is_the_same_run(first, micro):
+    head, tail = os.path.split(first["run_dir"])
+    ran, skipped, _ = iterate(f"{head}/./{tail}/", micro)
+    assert ran == [] and len(skipped) == len(STAGES)
+
+
+def test_a_moved_run_dir_is_the_same_run(first, micro, tmp_path):
+    """Moved (here: copied) elsewhere, a RUN_DIR is still done: nothing runs again."""
+    moved = str(tmp_path / "moved")
+    shutil.copytree(first["run_dir"], moved, ignore=shutil.ignore_patterns("LOCK"))
+    ran, skipped, _ = iterate(moved, micro)
+    assert ran == [] and len(skipped) == len(STAGES)
+
+
+def test_settings_record_paths_inside_the_run_dir_by_their_place_in_it(tmp_path):
+    """iterate.sh's settings() writes runs/x/..., ./runs/x//... and /abs/runs/x/... alike."""
+    def recorded(run_dir):
+        script = (f'source <(sed -n "/^settings() {{/,/^}}/p" iterate.sh); RUN_DIR={shlex.quote(run_dir)}; '
+                  'MODEL="$RUN_DIR/task/base_model"; PAIRS=/elsewhere/pairs.jsonl; settings "<RUN_DIR>"')
+        p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+        return p.stdout
+    spellings = [recorded(r) for r in ("runs/x", "./runs/x/", os.path.join(ROOT, "runs/x"))]
+    assert spellings[0] == spellings[1] == spellings[2]
+    assert "MODEL=<RUN_DIR>/task/base_model\n" in spellings[0] and "PAIRS=/elsewhere/pairs.jsonl\n" in spellings[0]
 
 
 def test_other_settings_are_refused_before_any_stage(first, micro):
