@@ -66,7 +66,7 @@ class Args:
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
     max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
     eval_every: int = arg(25, "held-out accuracy every this many steps", check="> 0")
-    seed: int = arg(1, "seed for the distributions and rows of each step")
+    seed: int = arg(1, "seed for the distributions and rows of each step", check=">= 0")
     save_every: int = arg(25, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (ddp only: the hypergradient is second order)", ["ddp", "fsdp"])
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])

@@ -122,6 +122,8 @@ done
 is_int "$META_N" || fail "META_N=$META_N: a whole number (0: all prompts)"
 for S in $SEEDS; do is_int "$S" || fail "SEEDS: '$S' is not a whole number"; done
 [ -n "$SEEDS" ] || fail "SEEDS is empty"
+TWICE=$(printf '%s\n' $SEEDS | sed 's/^0*\([0-9]\)/\1/' | sort | uniq -d | tr '\n' ' ')
+[ -z "$TWICE" ] || fail "SEEDS=\"$SEEDS\": seed(s) ${TWICE}named twice"
 [ -n "$ARMS" ] || fail "ARMS is empty"
 arm_base() { echo "${1%%+*}"; }
 arm_mod() {  # arm_mod ARM KEY DEFAULT: the value of +KEY=value in the arm's name, else DEFAULT
@@ -157,6 +159,11 @@ for A in $ARMS; do
     fail "ARMS: the $B arm $needs; it needs the embedded task's data"
   fi
 done
+
+# Each stage's extra flags parse before the first stage runs (one python start for all of them).
+python tools/check_flags.py SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" \
+  PPO_ARGS "${PPO_ARGS:-}" SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" \
+  EVAL_ARGS "${EVAL_ARGS:-}" || exit 2
 
 # ---- one iterate.sh per RUN_DIR, and a RUN_DIR stands for one set of settings ------------------
 mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || fail "cannot write in RUN_DIR=$RUN_DIR"

@@ -73,7 +73,7 @@ class Args:
     truncate: bool = arg(False, "cut queries longer than max_prompt_len from the left (counted)")
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
     max_grad_norm: float = arg(1.0, "gradient clipping", check=">= 0")
-    seed: int = arg(1, "seed for query order and sampling")
+    seed: int = arg(1, "seed for query order and sampling", check=">= 0")
     save_every: int = arg(10, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])

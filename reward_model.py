@@ -42,7 +42,7 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
     max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
     eval_every: int = arg(50, "held-out accuracy every this many steps", check="> 0")
-    seed: int = arg(1, "seed for the score head and the data order")
+    seed: int = arg(1, "seed for the score head and the data order", check=">= 0")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])

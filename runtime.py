@@ -91,7 +91,7 @@ def arg(default, help, choices=None, check=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
 
 
-CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2,
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 2": lambda v: v >= 2, ">= 100": lambda v: v >= 100,
           "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1}
 
 
@@ -110,7 +110,7 @@ def parse_args(cls, doc, argv=None):
     for f in dataclasses.fields(cls):
         extra = dict(type=_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
         ap.add_argument(f"--{f.name}", default=f.default, choices=f.metadata["choices"],
-                        help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
+                        help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"), **extra)  # argparse formats help with %
     args = cls(**vars(ap.parse_args(argv)))
     for f in dataclasses.fields(cls):
         rule, value = f.metadata["check"], getattr(args, f.name)

@@ -36,7 +36,7 @@ class Args:
     max_prompt_len: int = arg(64, "maximum prompt tokens", check="> 0")
     truncate: bool = arg(False, "cut prompts longer than max_prompt_len from the left (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
-    seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)")
+    seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)", check=">= 0")
     strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
 

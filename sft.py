@@ -38,7 +38,7 @@ class Args:
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
     max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", check=">= 0")
     max_steps: int = arg(0, "stop after this many steps (0: all epochs)", check=">= 0")
-    seed: int = arg(1, "seed for initialisation and data order")
+    seed: int = arg(1, "seed for initialisation and data order", check=">= 0")
     save_every: int = arg(100, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])

@@ -550,11 +550,18 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="with --label: the preference-pair file to write")
     ap.add_argument("--pairs", type=int, default=1000, help="with --label: how many pairs (the labelling budget)")
     args = ap.parse_args(argv)
+    rules = {"seed": (lambda v: v >= 0, ">= 0"), "agreement": (lambda v: 0.5 < v <= 1, "in (0.5, 1]"),
+             "test_pairs": (lambda v: v >= 1, ">= 1"), "hidden_size": (lambda v: v >= 4 and v % 4 == 0,
+                                                                     "a multiple of 4 (its 4 attention heads), >= 4"),
+             "num_layers": (lambda v: v >= 1, ">= 1"), "intermediate_size": (lambda v: v >= 1, ">= 1"),
+             "pairs": (lambda v: v >= 1, ">= 1")}
+    for name, (ok, rule) in rules.items():  # checked before anything is written
+        value = getattr(args, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise SystemExit(f"task.py: --{name} {value:g}: must be {rule}")
     if args.label:
         return label_main(args)
     data_dir = os.path.join(args.out_dir, "data")
-    if args.test_pairs < 1:
-        raise SystemExit(f"task.py: --test_pairs {args.test_pairs}: must be >= 1")
     summary = build_data(data_dir, seed=args.seed, agreement=args.agreement, n_test_pairs=args.test_pairs)
     if args.base == "smollm2":
         n_params = build_pretrained_base(os.path.join(args.out_dir, "base_model"))

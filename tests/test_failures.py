@@ -16,6 +16,7 @@ import torch
 import bilevel_rm
 import data
 import dpo
+import evaluate
 import metarm
 import ppo
 import reward_model as rm
@@ -251,10 +252,37 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
     (ppo, "rollouts_per_query", "0"), (ppo, "ppo_epochs", "0"), (ppo, "policy_lr", "-1"), (ppo, "top_p", "0"),
     (ppo, "top_p", "1.5"), (ppo, "gamma", "2"), (ppo, "max_new_tokens", "0"), (ppo, "steps", "-1"),
     (ppo, "kl_coef", "-0.05"), (ppo, "snapshot_every", "-1"),
+    (sft, "seed", "-1"), (sample, "seed", "-1"), (evaluate, "n_boot", "0"), (evaluate, "tie_margin", "nan"),
+    (evaluate, "rounds", "0"), (evaluate, "n_prompts", "0"), (evaluate, "temperature", "0"), (evaluate, "top_p", "2"),
 ])
 def test_bad_flag_is_one_line_at_parse_time(stage, flag, value):
     with pytest.raises(runtime.UserError, match=rf"^--{flag} {float(value):g}: must be"):
         runtime.parse_args(stage.Args, "", [f"--{flag}={value}"])
+
+
+STAGES = [sft, rm, metarm, ppo, sample, dpo, bilevel_rm, evaluate]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.__name__)
+def test_every_numeric_flag_has_a_check_and_help_prints(stage, capsys):
+    """A new int or float flag without a check would take any value; --help formats every help
+    text (a bare % in one was a crash)."""
+    import dataclasses
+    unchecked = [f.name for f in dataclasses.fields(stage.Args) if f.type in (int, float) and not f.metadata["check"]]
+    assert unchecked == [], unchecked
+    with pytest.raises(SystemExit) as e:
+        runtime.parse_args(stage.Args, stage.__doc__, ["--help"])
+    assert e.value.code == 0 and "--seed SEED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,rule", [("num_layers", "-1", ">= 1"), ("hidden_size", "30", "a multiple of 4"),
+                                             ("seed", "-2", ">= 0"), ("agreement", "0.3", "in (0.5, 1]"),
+                                             ("test_pairs", "0", ">= 1")])
+def test_task_flags_are_checked_before_anything_is_written(tmp_path, flag, value, rule):
+    import task
+    with pytest.raises(SystemExit, match=re.escape(f"task.py: --{flag} {float(value):g}: must be {rule}")):
+        task.main(["--out_dir", str(tmp_path / "task"), f"--{flag}={value}"])
+    assert not os.path.exists(tmp_path / "task")
 
 
 def test_a_shortened_flag_is_not_taken_for_a_longer_one(capsys):

@@ -295,6 +295,10 @@ def test_a_deleted_done_redoes_its_stage_and_dependants_and_added_arms_run_alone
     ({"JOBS": "0"}, "JOBS=0"),
     ({"LANES": "two"}, "LANES=two"),
     ({"KL_ANCHOR": "ref"}, "KL_ANCHOR=ref"),
+    ({"SEEDS": "1 2 01"}, 'SEEDS="1 2 01": seed(s) 1 named twice'),
+    ({"METARM_ARGS": "--meta_grad bogus"}, "METARM_ARGS=\"--meta_grad bogus\": metarm.py: argument --meta_grad: invalid choice"),
+    ({"PPO_ARGS": "--steps_typo 3"}, "PPO_ARGS=\"--steps_typo 3\": ppo.py: unrecognized arguments: --steps_typo 3"),
+    ({"EVAL_ARGS": "--n_prompts 20 --tie_margin -1"}, "evaluate.py: --tie_margin -1: must be >= 0"),
 ])
 def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
     p = iterate(str(tmp_path / "run"), micro, check=False, **setting)
