@@ -16,6 +16,7 @@ the reward models read, X_t (pairs) and X_s (k responses per prompt).
 """
 import json
 import os
+import unicodedata
 from collections import Counter
 
 import torch
@@ -48,6 +49,35 @@ class Problems:
             print(f"{path}: skipped {sum(self.counts.values())} rows ({parts})", flush=True)
 
 
+def _short(e):
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0][:120]
+
+
+def _surrogate(x):
+    """True if a string in x holds a lone surrogate: JSON can spell one, UTF-8 cannot."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(x, dict):
+        return any(_surrogate(k) or _surrogate(v) for k, v in x.items())
+    if isinstance(x, list):
+        return any(_surrogate(v) for v in x)
+    return False
+
+
+def blank(text):
+    """Nothing to read: only spaces, control or invisible format characters (zero-width space,
+    joiners, BOM), or the HH template's markers around them."""
+    for marker in (HUMAN, ASSISTANT):
+        text = text.replace(marker, "")
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc", "Zs") for c in text)
+
+
 def rows(path, problems):
     """(where, row) for every row of a data file, where = 'file, row N' (1-based). A line that
     is not UTF-8 or not JSON is a problem of that row."""
@@ -61,7 +91,14 @@ def rows(path, problems):
                 raise DataError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}: not valid JSON ({_short(e)})") from None
+            if not isinstance(items, list):
+                raise DataError(f"{path}: not a JSON list of rows")
             for i, row in enumerate(items, 1):
+                if _surrogate(row):
+                    problems(f"{path}, row {i}", "not UTF-8 text", "a lone surrogate (\\ud800-\\udfff escape)")
+                    continue
                 yield f"{path}, row {i}", row
             return
         for i, line in enumerate(raw.split(b"\n"), 1):
@@ -75,6 +112,12 @@ def rows(path, problems):
                 continue
             except json.JSONDecodeError as e:
                 problems(where, "not valid JSON", f"{e.msg} at column {e.colno}")
+                continue
+            except (ValueError, RecursionError) as e:  # a number of thousands of digits; nesting too deep
+                problems(where, "not valid JSON", _short(e))
+                continue
+            if _surrogate(row):
+                problems(where, "not UTF-8 text", "a lone surrogate (\\ud800-\\udfff escape)")
                 continue
             yield where, row
         return
@@ -118,8 +161,8 @@ def _text(row, key, where, problems):
 
 def as_prompt_text(text, where, problems):
     """An HH prompt as is; a plain-text prompt (PKU-SafeRLHF, TL;DR, Oasst1) as one human turn."""
-    if not text.strip():
-        return problems(where, "empty prompt")
+    if blank(text):
+        return problems(where, "empty prompt", "only spaces or invisible characters")
     if text.startswith(HUMAN):
         if not text.endswith(ASSISTANT):
             return problems(where, "a prompt that starts with '\\n\\nHuman:' must end with "
@@ -134,13 +177,15 @@ def split_transcript(text, where, problems, key="chosen"):
         return problems(where, f"{key!r} lacks the '\\n\\nHuman: ...\\n\\nAssistant:' structure",
                         f"it starts {text[:60]!r}")
     cut = text.rindex(ASSISTANT) + len(ASSISTANT)
+    if blank(text[:cut]):
+        return problems(where, "empty prompt", "only spaces or invisible characters")
     return text[:cut], text[cut:]
 
 
 def tldr_prompt(info, where, problems):
     """A TL;DR post as the human turn of a summarisation request."""
     post = info.get("post") or info.get("article")
-    if not isinstance(post, str) or not post.strip():
+    if not isinstance(post, str) or blank(post):
         return problems(where, "a TL;DR row needs 'info' with a non-empty 'post' (or 'article')")
     return (f"{HUMAN} Summarize this Reddit post.\nSUBREDDIT: r/{info.get('subreddit') or ''}\n"
             f"TITLE: {info.get('title') or ''}\nPOST: {post}{ASSISTANT}")
@@ -227,7 +272,7 @@ def row_to_sft(row, where, problems):
 
 
 def nonempty(response, where, problems, what="response"):
-    if not response.strip():
+    if blank(response):
         return problems(where, f"empty {what}")
     return response
 

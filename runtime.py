@@ -423,8 +423,9 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e}): delete it (or its folder) and run the stage that "
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:  # (huge numbers, deep nesting)
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:160]
+        raise UserError(f"{path} is damaged ({why}): delete it (or its folder) and run the stage that "
                         "wrote it again") from None
 
 

@@ -28,6 +28,13 @@ def write(tmp_path, rows, name="f.jsonl"):
     ({"chosen": "how do i fix it? restart", "rejected": GOOD["rejected"]}, "row 2: 'chosen' lacks the"),
     ({"chosen": 3, "rejected": GOOD["rejected"]}, "row 2: 'chosen' should be a string"),
     ([1, 2], "row 2: not a JSON object"),
+    ('{"chosen": ' + "9" * 5000 + "}", "row 2: not valid JSON (Exceeds the limit"),
+    ("[" * 100000 + "]" * 100000, "row 2: not valid JSON (nested too deeply)"),
+    ('{"chosen": "\\ud800 hi", "rejected": "x"}', "row 2: not UTF-8 text (a lone surrogate"),
+    ({"chosen": "\n\nHuman: \u200b \ufeff\n\nAssistant: a", "rejected": "\n\nHuman: \u200b \ufeff\n\nAssistant: b"},
+     "row 2: empty prompt"),
+    ({"chosen": GOOD["chosen"].replace("restart the laptop .", "\u200b\u2060"), "rejected": GOOD["rejected"]},
+     "row 2: empty chosen response"),
 ])
 def test_bad_pair_rows(tmp_path, bad, message):
     path = write(tmp_path, [GOOD, bad, GOOD])
