@@ -360,7 +360,9 @@ class Encoder:
     from the left, then the response from the right, and the cuts are counted and reported."""
 
     def __init__(self, tok, max_len, truncate=False):
-        self.tok, self.max_len, self.truncate, self.cut = tok, max_len, truncate, Counter()
+        self.tok, self.max_len, self.truncate = tok, max_len, truncate
+        self.cut = {}  # why -> the rows cut so (a pair's two sides are one row)
+        self.calls = 0
 
     def prompt(self, prompt):
         # split_special_tokens: a "</s>" or "<pad>" written in a row is text, tokenized as text;
@@ -368,6 +370,7 @@ class Encoder:
         return self.tok(prompt, split_special_tokens=True)["input_ids"]
 
     def __call__(self, prompt, response, where="", eos=True):
+        self.calls += 1
         p = self.prompt(prompt)
         r = (self.tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
              + ([self.tok.eos_token_id] if eos else []))
@@ -377,16 +380,19 @@ class Encoder:
                                 f"{self.max_len}; raise --max_len, or pass --truncate true to cut "
                                 "long rows (counted and reported)")
             keep = min(len(p), max(self.max_len - len(r), self.max_len // 2))
-            self.cut["prompt cut from the left"] += keep < len(p)
+            row = where or f"call {self.calls}"
+            if keep < len(p):
+                self.cut.setdefault("prompt cut from the left", set()).add(row)
             p = p[len(p) - keep:]
-            self.cut["response cut from the right"] += len(p) + len(r) > self.max_len
+            if len(p) + len(r) > self.max_len:
+                self.cut.setdefault("response cut from the right", set()).add(row)
             r = r[:self.max_len - len(p)]
         return p, r
 
     def report(self, what):
-        for why, n in self.cut.items():
-            if n:
-                print(f"{what}: {n} rows truncated ({why}, --max_len {self.max_len})", flush=True)
+        for why, cut in self.cut.items():
+            n = len(cut)
+            print(f"{what}: {n} rows truncated ({why}, --max_len {self.max_len})", flush=True)
 
 
 def pad(seqs, pad_id, side="right"):

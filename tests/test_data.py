@@ -105,11 +105,11 @@ def test_too_long_rows(micro):
     enc = data.Encoder(tok, max_len=10, truncate=True)
     p, r = enc(prompt, response)
     assert r == r_ids and p == p_ids[len(p_ids) - (10 - len(r_ids)):]
-    assert enc.cut["prompt cut from the left"] == 1 and enc.cut["response cut from the right"] == 0
+    assert len(enc.cut["prompt cut from the left"]) == 1 and "response cut from the right" not in enc.cut
     # ... then the response from the right
     enc = data.Encoder(tok, max_len=6, truncate=True)
     p, r = enc(prompt, response)
-    assert p == p_ids[-3:] and r == r_ids[:3] and enc.cut["response cut from the right"] == 1
+    assert p == p_ids[-3:] and r == r_ids[:3] and len(enc.cut["response cut from the right"]) == 1
 
 
 def test_special_token_strings_in_rows_stay_text(micro):
@@ -125,3 +125,11 @@ def test_special_token_strings_in_rows_stay_text(micro):
     assert response_ids[-1] == tok.eos_token_id and not specials & set(response_ids[:-1])
     assert tok.decode(response_ids, skip_special_tokens=True) == r
     assert written in tok.decode(prompt_ids, skip_special_tokens=True)
+
+
+def test_a_pair_cut_on_both_sides_is_one_row(micro, capsys):
+    tok = runtime.load_tokenizer(micro["base"])
+    long = " restart the laptop and then restart it again and again ."
+    pairs = [("\n\nHuman: how do i fix my laptop ?\n\nAssistant:", long, long + " no", "f.jsonl, row 1")]
+    data.encode_pairs(tok, pairs, 8, True, "f.jsonl")
+    assert "f.jsonl: 1 rows truncated (response cut from the right, --max_len 8)" in capsys.readouterr().out
