@@ -426,6 +426,7 @@ def compare(scores, empty, a, b, margin, n_boot):
                      zip(scores[a], scores[b], empty[a], empty[b])], dtype=float)
     g = hierarchical_bootstrap(gold, n_boot)
     w = hierarchical_bootstrap(100 * wl, n_boot, seed=1)
+    w["lo"], w["hi"] = max(w["lo"], -100.0), min(w["hi"], 100.0)  # a share of prompts: the t-interval cut to what it can be
     S, P = gold.shape
     return {"a": a, "b": b, "seeds": S, "prompts": P, "gold_diff": g, "win_minus_lose": w,
             "win": 100 * float((wl == 1).mean()), "tie": 100 * float((wl == 0).mean()),

@@ -123,6 +123,16 @@ def test_compare_by_hand():
     assert (c["seeds"], c["prompts"]) == (2, 3)
 
 
+def test_win_minus_lose_interval_stays_within_100_percent():
+    """Two seeds, a wins every prompt but one: mean +- t_1 * se would pass +100%."""
+    scores = {"a": [[1.0] * 4, [1.0, 1.0, 1.0, 0.0]], "b": [[0.0] * 4, [0.0, 0.0, 0.0, 0.5]]}
+    empty = {"a": [[False] * 4] * 2, "b": [[False] * 4] * 2}
+    c = ev.compare(scores, empty, "a", "b", 0.1, n_boot=400)
+    w = c["win_minus_lose"]
+    assert w["mean"] == pytest.approx(100 * 6 / 8) and w["hi"] == 100.0 and -100.0 <= w["lo"] < w["mean"]
+    assert w["mean"] + ev.t_quantile(0.975, 1) * w["se"] > 100  # the cut was needed
+
+
 def test_comparison_plan_pairs_modified_arms_with_their_controls():
     plan = ev.comparison_plan(["metarm", "vanilla", "vanilla+anchor=sft", "metarm+anchor=sft"], 2, 20)
     assert len(plan) == len(set(plan))
