@@ -441,11 +441,18 @@ def base(arm):
     return arm.split("+")[0]
 
 
+def args_of(path):
+    """The args.json of a finished stage's folder (evaluate.py reads finished seeds only)."""
+    if not runtime.is_done(path):
+        raise runtime.UserError(f"{path} is not done (no DONE marker): run iterate.sh for this seed to finish it "
+                                "before evaluating it")
+    return runtime.read_json(os.path.join(path, "args.json"))
+
+
 def policy_dirs(run, arms, R):
     """Every policy of a run, by name: sft, vanilla_ppo/step<N> (after k rounds' worth of steps),
     dpo, <arm>/round<k>."""
-    with open(f"{run}/ppo_vanilla/args.json") as f:
-        total = json.load(f)["steps"]
+    total = args_of(f"{run}/ppo_vanilla")["steps"]
     steps = total // R
     out = {"sft": f"{run}/sft"}
     for k in range(1, R + 1):
@@ -498,9 +505,6 @@ def rm_dir(run, arm, k):
 
 def arm_settings(run, arm):
     """What matters of an arm's settings, read from its stages' args.json."""
-    def args_of(path):
-        with open(os.path.join(path, "args.json")) as f:
-            return json.load(f)
     if base(arm) == "dpo":
         a = args_of(f"{run}/dpo")
         return {"beta": a["beta"], "lr": a["lr"], "epochs": a["epochs"]}
@@ -515,6 +519,7 @@ def arm_settings(run, arm):
         m = args_of(f"{run}/bilevel_rm")
         out.update({k: m[k] for k in ("beta", "inner_lr", "inner_steps", "steps", "lr", "tasks_per_step")})
     if base(arm) == "oracle":
+        args_of(f"{run}/{arm}/round1/rm")  # done: its pairs are complete
         with open(f"{run}/{arm}/round1/new_pairs.jsonl") as f:
             out["new_pairs_per_round"] = sum(1 for _ in f)
     return out
@@ -522,6 +527,9 @@ def arm_settings(run, arm):
 
 def evaluate(args, d):
     R, run, arms = args.rounds, args.run_dir, args.arms.split()
+    if not os.path.isdir(run):
+        raise runtime.UserError(f"--run_dir {run} does not exist: one seed's run folder, as iterate.sh lays it out "
+                                "(e.g. runs/default/seed1)")
     prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)][:args.n_prompts]
     if args.judge == "gold" and not measure.gold_applies(prompts):
         raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "

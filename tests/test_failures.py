@@ -528,3 +528,18 @@ def test_snapshot_done_is_written_last(micro_sft, tmp_path, monkeypatch):
 def test_unwritable_folder_is_one_line(micro, capsys):
     assert_cli_error("sft.py", *sft_argv(micro, "/sys/kernel/no_such_dir/sft"), message="cannot write in /sys/kernel",
                      capsys=capsys)
+
+
+def test_evaluate_on_a_missing_unfinished_or_damaged_seed_is_one_line(micro, micro_sft, tmp_path):
+    with pytest.raises(runtime.UserError, match=r"--run_dir .*nowhere/seed1 does not exist"):
+        evaluate.main(["--run_dir", str(tmp_path / "nowhere" / "seed1"), "--prompts", f"{micro['data']}/prompts_test.jsonl"])
+    seed = tmp_path / "run" / "seed1"
+    shutil.copytree(micro_sft, seed / "sft")
+    (seed / "ppo_vanilla").mkdir()
+    (seed / "ppo_vanilla" / "args.json").write_text('{"steps": 4}')  # started, never finished
+    with pytest.raises(runtime.UserError, match=r"ppo_vanilla is not done \(no DONE marker\)"):
+        evaluate.main(["--run_dir", str(seed), "--prompts", f"{micro['data']}/prompts_test.jsonl", "--rounds", "1"])
+    (seed / "eval").mkdir()
+    (seed / "eval" / "results.json").write_text('{"config": ')
+    with pytest.raises(runtime.UserError, match=r"results.json is damaged"):
+        evaluate.main(["--aggregate", str(tmp_path / "run"), "--seeds", "1"])
