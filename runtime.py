@@ -60,12 +60,33 @@ def guard(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except OSError as e:  # a folder that cannot be written (read-only, full disk, no permission)
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:  # a folder that cannot be written (read-only, full disk, no permission)
+        why = cannot_write(e)
+        if why is None:
             raise
-        print(f"error: cannot write {e.filename or ''}: {e.strerror}", file=sys.stderr, flush=True)
+        where = e.filename if isinstance(e, OSError) and e.filename else (f"in {WRITING[-1]}" if WRITING else "")
+        print(f"error: cannot write {where}: {why}; free the space (or fix the permission) and run the same "
+              "command again: a stage resumes from its last checkpoint, a finished one is kept", file=sys.stderr, flush=True)
         sys.exit(2)
     shutdown()
+
+
+WRITING = []  # the output folders this process writes in (Run.open adds its own), for the error line
+
+
+def cannot_write(e):
+    """The reason an exception means "this cannot be written", or None. Writers raise OSError
+    (often without a file name), safetensors its own error, torch.save a RuntimeError."""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return e.strerror
+    text = str(e)
+    if "No space left on device" in text or "StorageFull" in text or "code: 28" in text:
+        return "No space left on device"
+    if "Disk quota exceeded" in text:
+        return "Disk quota exceeded"
+    if isinstance(e, RuntimeError) and "file write failed" in text:
+        return "a write failed (a full disk?)"
+    return None
 
 
 def shutdown():
@@ -761,6 +782,7 @@ class Run:
         if verdict == "done":
             d.print(f"{path} is done (DONE marker present, same settings): skipping")
             return None
+        WRITING.append(path)
         return cls(path, args, d, stage)
 
     @staticmethod

@@ -543,3 +543,30 @@ def test_evaluate_on_a_missing_unfinished_or_damaged_seed_is_one_line(micro, mic
     (seed / "eval" / "results.json").write_text('{"config": ')
     with pytest.raises(runtime.UserError, match=r"results.json is damaged"):
         evaluate.main(["--aggregate", str(tmp_path / "run"), "--seeds", "1"])
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(micro, micro_sft, tmp_path, monkeypatch, capsys):
+    """A write that fails for want of space (an OSError with no file name, as a file object's
+    write raises it; or a library's own error saying so) ends in one line naming the folder."""
+    import errno
+    out = tmp_path / "samples"
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("meta.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", full)
+    assert_cli_error("sample.py", "--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+                     "--output_dir", str(out), "--max_prompts", "2", "--k", "2", "--max_new_tokens", "4",
+                     message=f"cannot write in {out}: No space left on device; free the space", capsys=capsys)
+    monkeypatch.setattr(os, "replace", real)
+    assert not runtime.is_done(out)
+
+    def library_error(*a, **k):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           '"No space left on device" })')
+    monkeypatch.setattr(runtime, "save_model", library_error)
+    assert_cli_error("reward_model.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
+                     "--eval_data", "", "--output_dir", str(tmp_path / "rm"), "--max_steps", "1",
+                     message=f"cannot write in {tmp_path / 'rm'}: No space left on device", capsys=capsys)
