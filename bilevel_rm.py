@@ -225,7 +225,7 @@ def train(args):
     model.train()
     batch = lambda rows: tuple(t.to(d.device) for t in data.response_batch(rows, tok.pad_token_id))
     for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="bilevel"):
-        mine = [names[i] for i in runtime.batch_indices(len(names), args.tasks_per_step, step, args.seed, d)]
+        mine = [names[i] for i in runtime.batch_indices(len(names), args.tasks_per_step, step, args.seed, d, "--tasks_per_step")]
         L_sum = kl_sum = 0.0
         for j, name in enumerate(mine):
             salt = names.index(name)

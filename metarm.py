@@ -186,7 +186,7 @@ def adapt(model, samples, pad_id, args, d):
     theta = runtime.trainable(model)
     n_batches = math.ceil(len(samples) / args.meta_batch)
     for b in range(n_batches):
-        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, b, args.seed + 2, d)]
+        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, b, args.seed + 2, d, "--meta_batch")]
         X_s, k = data.meta_batch(rows, pad_id, d.device)
         with runtime.autocast(d):
             (J(model, X_s, k) / n_batches).backward()
@@ -251,7 +251,7 @@ def train(args):
     for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="metarm"):
         mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
         X_t = data.pair_batch(mine, tok.pad_token_id, d.device)                             # 2. X_t from D
-        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, step, args.seed + 1, d)]
+        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, step, args.seed + 1, d, "--meta_batch")]
         X_s, k = data.meta_batch(rows, tok.pad_token_id, d.device)                          # 3. X_s from S
         with runtime.autocast(d):                                                           # 4.-6. meta-step
             grad, info = meta_gradient(model, X_t, X_s, k, args.eta, args.meta_grad)

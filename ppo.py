@@ -346,7 +346,7 @@ def train(args, d):
 
     for step in runtime.progress(range(start, args.steps), d, initial=start, total=args.steps, desc="ppo"):
         t0, timer = time.perf_counter(), Timer()
-        rows = runtime.batch_indices(len(prompts), args.queries, step, args.seed, d)
+        rows = runtime.batch_indices(len(prompts), args.queries, step, args.seed, d, "--queries")
         mine = [prompts[i] for i in rows for _ in range(args.rollouts_per_query)]
         batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d, timer)
         with timer("ppo_epochs"):

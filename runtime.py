@@ -980,10 +980,13 @@ def total_steps(n_rows, global_batch, epochs):
     return math.ceil(n_rows * epochs / global_batch)
 
 
-def batch_indices(n_rows, global_batch, step, seed, d):
+def batch_indices(n_rows, global_batch, step, seed, d, flag="--global_batch"):
     """This rank's row indices for global step `step`. The rows form one stream, a fresh
     permutation per epoch (the same on every rank), cut into consecutive global batches; each
     rank takes a contiguous slice of the batch, so the batch does not depend on the world size."""
+    if global_batch > n_rows:
+        raise UserError(f"{flag} {global_batch}: more than the {n_rows} rows it is drawn from (a batch would hold "
+                        f"rows twice): lower it to {n_rows} or less, or give more rows")
     if global_batch % d.world:
         raise UserError(f"the global batch {global_batch} must be divisible by the number of "
                         f"processes {d.world}")

@@ -570,3 +570,11 @@ def test_a_full_disk_is_one_line_naming_the_folder(micro, micro_sft, tmp_path, m
     assert_cli_error("reward_model.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
                      "--eval_data", "", "--output_dir", str(tmp_path / "rm"), "--max_steps", "1",
                      message=f"cannot write in {tmp_path / 'rm'}: No space left on device", capsys=capsys)
+
+
+def test_a_batch_larger_than_its_rows_is_refused(micro, micro_sft, micro_rm, tmp_path):
+    """A batch of more rows than there are would hold rows twice in one step, silently."""
+    with pytest.raises(runtime.UserError, match=r"--global_batch 100000: more than the \d+ rows it is drawn from"):
+        sft.main(sft_argv(micro, tmp_path / "sft", "--global_batch", "100000"))
+    with pytest.raises(runtime.UserError, match=r"--queries 100000: more than the \d+ rows"):
+        ppo.main(ppo_argv(micro, micro_sft, micro_rm, tmp_path / "ppo", "--queries", "100000"))
