@@ -139,7 +139,7 @@ def lengths_in_tokens(tok, rows, key):
 
 def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     rng = random.Random(0)
-    train, test = hh_rows(rng, 16), hh_rows(rng, 4)
+    train, test = hh_rows(rng, 32), hh_rows(rng, 4)  # 32: the preset's SFT batch (a batch never repeats a row)
     tok = runtime.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, train, "chosen")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 600 and max(lengths) > 512, lengths  # real lengths, some cut
@@ -151,7 +151,7 @@ def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     out, run = rehearse("llama2-7b-hh", files, small_model, micro_rm, tmp_path, nproc=2)
     check_lengths(run, out, 256)
     assert stage_args(run / "metarm/round1/rm")["world_size"] == 2 and stage_args(run / "sft")["strategy"] == "fsdp"
-    assert len(data.load_pairs(pairs, skip_bad=True)) == 16
+    assert len(data.load_pairs(pairs, skip_bad=True)) == 32
 
 
 def preset_settings(preset, *names):
@@ -174,7 +174,7 @@ def test_tldr_preset_data_through_its_stages(micro, small_model, tmp_path, capsy
     import sample
     import sft
     rng = random.Random(1)
-    rows, comparisons, prompts = tldr_sft_rows(rng, 16), tldr_comparisons(rng, 16), tldr_sft_rows(rng, 8)
+    rows, comparisons, prompts = tldr_sft_rows(rng, 32), tldr_comparisons(rng, 16), tldr_sft_rows(rng, 8)
     tok = runtime.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, rows, "prompt")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 700 and max(lengths) > 512, lengths
@@ -193,7 +193,7 @@ def test_tldr_preset_data_through_its_stages(micro, small_model, tmp_path, capsy
                        "--output_dir", str(tmp_path / "rm"), *flags["RM_ARGS"], "--max_steps", "1"])
     assert re.search(r"comparisons.jsonl: \d+ rows truncated", capsys.readouterr().out)
     sample.main(["--policy_dir", str(tmp_path / "sft"), "--prompts", prompts, "--output_dir", str(tmp_path / "samples"),
-                 *flags["SAMPLE_ARGS"], "--max_prompts", "2"])
+                 *flags["SAMPLE_ARGS"], "--max_prompts", "8"])
     assert re.search(r"\d+ prompts truncated \(cut from the left, --max_prompt_len 512\)", capsys.readouterr().out)
     for folder in ("sft", "rm"):
         a = stage_args(tmp_path / folder)
