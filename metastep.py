@@ -48,8 +48,8 @@ class Args:
     points: str = arg("start,end", "where: start (SFT + new head), end (the trained RM), or both")
     dtype: str = arg("float64", "the model's dtype", ["float64", "float32"])
     out: str = arg("", "also write the figures to this JSON file")
-    plot: str = arg("", "instead: draw the change against eta/alpha of these JSON files (name=file, comma "
-                    "separated) into --plot_file (needs matplotlib)")
+    plot: str = arg("", "instead: print the table of these JSON files (name=file, comma separated) and draw "
+                    "the change against eta/alpha into --plot_file (needs matplotlib)")
     plot_file: str = arg("metastep.png", "the figure --plot draws")
     seed: int = arg(1, "seed of the draws (and of the new head at the start: the RM's own seed if 0)", check=">= 0")
 
@@ -133,6 +133,27 @@ def print_table(name, point, result, ratios, alpha):
               f"{ex['change']['median'] / result['noise']['median']:>14.2e}")
 
 
+def markdown(named_files):
+    """The table docs/results.md shows: per model and point, the noise and, per eta/alpha, the
+    median change of each form as a share of the median noise, with first_order's cosine."""
+    lines = ["| model | parameters | alpha | point | noise | eta/alpha | first_order change / noise | exact change / noise | cos(first_order, vanilla) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, path in named_files:
+        res = runtime.read_json(path)
+        for point in ("start", "end"):
+            if point not in res:
+                continue
+            r = res[point]
+            noise = r["noise"]["median"]
+            for i, ratio in enumerate(res["ratios"]):
+                fo, ex = r["first_order"][i], r["exact"][i]
+                lines.append(f"| {name} | {r['parameters'] / 1e6:.1f} M | {res['alpha']:g} | {point} | "
+                             f"{noise:.2f} [{r['noise']['min']:.2f}, {r['noise']['max']:.2f}] | {ratio:g} | "
+                             f"{fo['change']['median'] / noise:.1e} | {ex['change']['median'] / noise:.1e} | "
+                             f"{fo['cos']['median']:.4f} |")
+    return "\n".join(lines)
+
+
 def plot(named_files, out):
     """The exact form's change against eta/alpha, one line per model and point, with each one's
     minibatch noise (median, and the band of its draws) as a dashed line and a band."""
@@ -177,6 +198,7 @@ def main(argv=None):
         named = [item.split("=", 1) for item in args.plot.split(",")]
         if any(len(n) != 2 or not os.path.isfile(n[1]) for n in named):
             raise runtime.UserError(f"--plot {args.plot}: name=file.json pairs, comma separated, each file existing")
+        print(markdown(named))
         return plot(named, args.plot_file)
     made = os.path.join(args.rm_dir, "args.json")
     if not os.path.isfile(made):

@@ -120,3 +120,13 @@ def test_rms_norm_computes_in_float64():
     want = norm.weight * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + norm.variance_epsilon)
     assert torch.allclose(after, want, rtol=1e-14, atol=0) and torch.allclose(before, want, rtol=1e-6)
     assert not torch.allclose(before, want, rtol=1e-12, atol=0)  # the cast was there to remove
+
+
+def test_the_table_shows_each_change_as_a_share_of_the_noise(tmp_path):
+    point = {"parameters": 2e6, "noise": {"median": 2.0, "min": 1.0, "max": 3.0},
+             "first_order": [{"change": {"median": 0.02}, "cos": {"median": 0.99}}],
+             "exact": [{"change": {"median": 0.5}, "cos": {"median": 0.9}}]}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"alpha": 1e-3, "ratios": [10], "end": point}))
+    rows = metastep.markdown([("m", str(path))]).splitlines()
+    assert rows[2] == "| m | 2.0 M | 0.001 | end | 2.00 [1.00, 3.00] | 10 | 1.0e-02 | 2.5e-01 | 0.9900 |"
