@@ -35,10 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import cli
 import data
+import distributed
+import loading
 import measure
-import runtime
-from runtime import arg
+import modeling
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -69,7 +74,7 @@ class Args:
     seed: int = arg(1, "seed for the distributions and rows of each step", check=">= 0")
     save_every: int = arg(25, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (ddp only: the hypergradient is second order)", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +112,7 @@ def L_through_inner(r, policy, S, Q, k, args):
     """The outer loss L_i as a function of the support rewards r: K inner ascent steps from
     pi_ref, each kept in the graph, then L_i at the tuned policy phi_K."""
     names, phi = policy_params(policy)
-    logp = lambda batch, params: runtime.sequence_logps(policy, *batch, dict(zip(names, params)))
+    logp = lambda batch, params: modeling.sequence_logps(policy, *batch, dict(zip(names, params)))
     with torch.no_grad():
         ref_S, ref_Q = logp(S, phi), logp(Q, phi)
     phi = [p.requires_grad_() for p in phi]
@@ -126,7 +131,7 @@ def meta_step(rm, policy, S, Q, k, args, scale=1.0):
     """Adds scale * dL_i/dtheta to the .grad of the reward model's parameters; returns (L_i, info).
     The chain rule in two pieces: dL_i/dr through the unrolled inner steps, then one backward of
     r = r_theta(x, y) through the reward model (under DDP, that backward averages over processes)."""
-    r = runtime.rewards(rm, *S[:2])                            # r_theta on the support samples
+    r = modeling.rewards(rm, *S[:2])                            # r_theta on the support samples
     r_leaf = r.detach().requires_grad_()
     L_i, info = L_through_inner(r_leaf, policy, S, Q, k, args)
     dL_dr, = torch.autograd.grad(L_i, r_leaf)
@@ -156,7 +161,7 @@ def distributions(pairs, meta, args):
     D, P = group(pairs, args.data), group(meta, args.support)
     names = sorted(set(D) & set(P))
     if len(names) < args.tasks_per_step:
-        raise runtime.UserError(
+        raise cli.UserError(
             f"{len(names)} training distributions have both pairs ({args.data}: {sorted(D)}) and support "
             f"samples ({args.support}: {sorted(P)}); --tasks_per_step {args.tasks_per_step} needs as many")
     return names, D, P
@@ -172,17 +177,17 @@ def step_rows(rows, want, step, seed, salt):
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
+    d = distributed.init_distributed(args.strategy, args.precision, args.sft_dir)
     if d.world > 1 and args.strategy == "fsdp":
-        raise runtime.UserError("bilevel_rm.py differentiates through the policy's inner gradient steps: "
+        raise cli.UserError("bilevel_rm.py differentiates through the policy's inner gradient steps: "
                                 "FSDP2 frees the gathered weights after backward; use --strategy ddp")
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "bilevel_rm")
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "bilevel_rm")
     if run is None:  # done, with these settings
         return
 
     # 1. data: query pairs and support samples, grouped into training distributions
-    tok = runtime.load_tokenizer(args.sft_dir)
+    tok = loading.load_tokenizer(args.sft_dir)
     enc = data.Encoder(tok, args.max_len, args.truncate)
     pairs = data.load_pairs(args.data, args.skip_bad_rows)
     query = [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
@@ -198,8 +203,8 @@ def train(args):
     names, D, P = distributions(pairs, meta, args)
 
     # 2. the reward model theta (trained) and pi_ref (frozen: each inner problem starts from it)
-    model = runtime.wrap(runtime.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d)
-    policy = runtime.load_causal_lm(args.sft_dir, tok).to(d.device).requires_grad_(False).eval()
+    model = distributed.wrap(loading.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d)
+    policy = loading.load_causal_lm(args.sft_dir, tok).to(d.device).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total, warmup = args.steps, int(args.warmup * args.steps)
     state = run.load_checkpoint({"model": (model, opt)})
@@ -224,27 +229,27 @@ def train(args):
     # 3. train: each step, tasks_per_step distributions; each adds its hypergradient
     model.train()
     batch = lambda rows: tuple(t.to(d.device) for t in data.response_batch(rows, tok.pad_token_id))
-    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="bilevel"):
-        mine = [names[i] for i in runtime.batch_indices(len(names), args.tasks_per_step, step, args.seed, d, "--tasks_per_step")]
+    for step in cli.progress(range(start, total), d, initial=start, total=total, desc="bilevel"):
+        mine = [names[i] for i in training.batch_indices(len(names), args.tasks_per_step, step, args.seed, d, "--tasks_per_step")]
         L_sum = kl_sum = 0.0
         for j, name in enumerate(mine):
             salt = names.index(name)
             S = batch([x for i in step_rows(P[name], args.support_prompts, step, args.seed, salt) for x in support[i]])
             Q_pairs = [query[i] for i in step_rows(D[name], args.query_pairs, step, args.seed + 1, salt)]
             Q = batch([w for w, _ in Q_pairs] + [l for _, l in Q_pairs])
-            with runtime.grad_sync(model, j == len(mine) - 1), runtime.autocast(d):
+            with distributed.grad_sync(model, j == len(mine) - 1), distributed.autocast(d):
                 L_i, info = meta_step(model, policy, S, Q, k, args, scale=d.world / args.tasks_per_step)
             L_sum += float(L_i)
             kl_sum += float(info["kl"])
-        hypergrad = [p.grad for p in runtime.trainable(model)]
-        hypergrad_norm = runtime.dot(hypergrad, hypergrad) ** 0.5  # before clipping
-        grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        L_value = runtime.all_sum(L_sum) / args.tasks_per_step
+        hypergrad = [p.grad for p in distributed.trainable(model)]
+        hypergrad_norm = distributed.dot(hypergrad, hypergrad) ** 0.5  # before clipping
+        grad_norm = training.clip_grad_norm(model, args.max_grad_norm)
+        L_value = distributed.all_sum(L_sum) / args.tasks_per_step
         run.stop_unless_finite(step, **{"train/L_outer": L_value, "train/grad_norm": grad_norm})
-        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/L_outer": L_value, "inner/kl": runtime.all_sum(kl_sum) / args.tasks_per_step,
+        run.log(step + 1, {"train/L_outer": L_value, "inner/kl": distributed.all_sum(kl_sum) / args.tasks_per_step,
                            "meta/hypergrad_norm": hypergrad_norm, "train/grad_norm": grad_norm, "train/lr": lr})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
@@ -256,13 +261,13 @@ def train(args):
     summary.update(evaluate(total, final=True))
     model.eval()
     stats = measure.reward_stats(model, examples, tok.pad_token_id, d)
-    runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
+    loading.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
     run.finish({**summary, "reward_stats": stats})
 
 
 def main(argv=None):
-    train(runtime.parse_args(Args, __doc__, argv))
+    train(cli.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

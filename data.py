@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 
-from runtime import UserError
+from cli import UserError
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 

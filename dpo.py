@@ -24,9 +24,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
-import runtime
-from runtime import arg
+import distributed
+import loading
+import modeling
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -51,7 +56,7 @@ class Args:
     seed: int = arg(1, "seed for the data order", check=">= 0")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -70,8 +75,8 @@ def pair_terms(policy, ref, examples, pad_id, beta, d):
     ids, mask, labels = (t.to(d.device) for t in data.response_batch(rows, pad_id))
     n = len(examples)
     with torch.no_grad():
-        ref_logp = runtime.sequence_logps(ref, ids, mask, labels)
-    logp = runtime.sequence_logps(policy, ids, mask, labels)
+        ref_logp = modeling.sequence_logps(ref, ids, mask, labels)
+    logp = modeling.sequence_logps(policy, ids, mask, labels)
     return dpo_loss(logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], beta)
 
 
@@ -80,24 +85,24 @@ def implicit_accuracy(policy, ref, examples, pad_id, beta, d, batch=64):
     """Held-out share of pairs with r_hat(y_w) > r_hat(y_l), and the mean margin; every process
     scores a share and all get the totals."""
     right = margin = 0.0
-    for idx, real in runtime.shard_batches(len(examples), batch, d):
+    for idx, real in distributed.shard_batches(len(examples), batch, d):
         _, r_w, r_l = pair_terms(policy, ref, [examples[i] for i in idx], pad_id, beta, d)
         if real:
             right += float((r_w > r_l).sum())
             margin += float((r_w - r_l).sum())
     n = len(examples)
-    return runtime.all_sum(right) / n, runtime.all_sum(margin) / n
+    return distributed.all_sum(right) / n, distributed.all_sum(margin) / n
 
 
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "dpo")
+    d = distributed.init_distributed(args.strategy, args.precision, args.sft_dir)
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "dpo")
     if run is None:  # done, with these settings
         return
 
     # 1. data: (prompt, response) token ids of each chosen and rejected response
-    tok = runtime.load_tokenizer(args.sft_dir)
+    tok = loading.load_tokenizer(args.sft_dir)
     enc = data.Encoder(tok, args.max_len, args.truncate)
     encode = lambda pairs: [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
     examples = encode(data.load_pairs(args.data, args.skip_bad_rows))
@@ -107,11 +112,11 @@ def train(args):
     enc.report(args.eval_data)
 
     # 2. the policy (trained) and the reference (frozen), both from SFT
-    policy = runtime.wrap(runtime.load_causal_lm(args.sft_dir, tok), d,
+    policy = distributed.wrap(loading.load_causal_lm(args.sft_dir, tok), d,
                           gradient_checkpointing=args.gradient_checkpointing)
-    ref = runtime.wrap(runtime.load_causal_lm(args.sft_dir, tok), d, trainable=False).eval()
+    ref = distributed.wrap(loading.load_causal_lm(args.sft_dir, tok), d, trainable=False).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
+    total = training.total_steps(len(examples), args.global_batch, args.epochs)
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
@@ -131,27 +136,27 @@ def train(args):
 
     # 3. train: L_DPO averaged over the global batch
     policy.train()
-    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="dpo"):
-        mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
-        chunks = runtime.micro_batches(mine, args.micro_batch)
+    for step in cli.progress(range(start, total), d, initial=start, total=total, desc="dpo"):
+        mine = [examples[i] for i in training.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
+        chunks = training.micro_batches(mine, args.micro_batch)
         loss_sum = acc_sum = margin_sum = 0.0
         for j, chunk in enumerate(chunks):
-            with runtime.grad_sync(policy, j == len(chunks) - 1), runtime.autocast(d):
+            with distributed.grad_sync(policy, j == len(chunks) - 1), distributed.autocast(d):
                 loss, r_w, r_l = pair_terms(policy, ref, chunk, tok.pad_token_id, args.beta, d)
                 # DDP/FSDP average gradients over processes: scale so the result is the global mean
                 (loss.sum() * d.world / args.global_batch).backward()
             loss_sum += loss.sum().item()
             acc_sum += (r_w > r_l).float().sum().item()
             margin_sum += (r_w - r_l).sum().item()
-        grad_norm = runtime.clip_grad_norm(policy, args.max_grad_norm)
+        grad_norm = training.clip_grad_norm(policy, args.max_grad_norm)
         n = args.global_batch
-        loss = runtime.all_sum(loss_sum) / n
+        loss = distributed.all_sum(loss_sum) / n
         run.stop_unless_finite(step, **{"train/loss": loss, "train/grad_norm": grad_norm})
-        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/loss": loss, "train/accuracy": runtime.all_sum(acc_sum) / n,
-                           "train/margin": runtime.all_sum(margin_sum) / n, "train/lr": lr, "train/grad_norm": grad_norm})
+        run.log(step + 1, {"train/loss": loss, "train/accuracy": distributed.all_sum(acc_sum) / n,
+                           "train/margin": distributed.all_sum(margin_sum) / n, "train/lr": lr, "train/grad_norm": grad_norm})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 and step + 1 < total:
@@ -159,13 +164,13 @@ def train(args):
 
     # 4. save the policy where the evaluation expects it, DONE last
     acc = evaluate(total)
-    runtime.save_model(policy, tok, args.output_dir, d)
+    loading.save_model(policy, tok, args.output_dir, d)
     run.finish({"stage": "dpo", "steps": total, "beta": args.beta, "eval/accuracy": acc})
 
 
 def main(argv=None):
-    train(runtime.parse_args(Args, __doc__, argv))
+    train(cli.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

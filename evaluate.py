@@ -36,12 +36,15 @@ import os
 import numpy as np
 import torch
 
+import cli
 import data
+import distributed
+import loading
 import measure
 import metarm
-import runtime
+import run_folder
 import sample
-from runtime import arg
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -65,7 +68,7 @@ class Args:
     n_boot: int = arg(2000, "bootstrap resamples for the 95% intervals", check=">= 100")
     out_dir: str = arg("", "with --aggregate: write results.md/json here (default: the --aggregate folder)")
     skip_bad_rows: bool = arg(False, "skip malformed rows of --prompts, --pairs and --raw_pairs (counted and reported) instead of stopping")
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     measure: str = arg("", "only measure this saved reward model: accuracy on --pairs, and on --samples J, |dr| and gold agreement")
     samples: str = arg("", "with --measure: k samples per prompt (a meta.jsonl, e.g. sample.py's)")
 
@@ -243,8 +246,8 @@ def responses(policy_dir, prompts, args, cache, d):
         with open(cache) as f:
             return [json.loads(line)["response"] for line in f]
     torch.manual_seed(args.seed)
-    tok = runtime.load_tokenizer(policy_dir)
-    model = runtime.load_causal_lm(policy_dir, tok).to(d.device).eval()
+    tok = loading.load_tokenizer(policy_dir)
+    model = loading.load_causal_lm(policy_dir, tok).to(d.device).eval()
     max_len, truncate = trained_lengths(policy_dir, tok, "max_prompt_len")
     ids = data.encode_prompts(tok, prompts, max_len, truncate, args.prompts)
     out = []
@@ -263,8 +266,8 @@ class Judge:
     def __init__(self, name, d):
         self.name, self.d = name, d
         if name != "gold":
-            self.tok = runtime.load_tokenizer(name)
-            self.model = runtime.load_reward_model(name, self.tok).to(d.device).eval()
+            self.tok = loading.load_tokenizer(name)
+            self.model = loading.load_reward_model(name, self.tok).to(d.device).eval()
             self.max_len = trained_lengths(name, self.tok)[0]
 
     def __call__(self, prompts, texts):
@@ -283,7 +286,7 @@ def trained_lengths(folder, tok, key="max_len"):
     for path in (folder, os.path.dirname(folder.rstrip("/"))):
         f = os.path.join(path, "args.json")
         if os.path.isfile(f):
-            args = runtime.read_json(f)
+            args = cli.read_json(f)
             if key in args or "max_len" in args:
                 return args.get(key, args.get("max_len")), bool(args.get("truncate", False))
     limit = tok.model_max_length if 0 < tok.model_max_length < 10**6 else 10**6
@@ -294,8 +297,8 @@ def rm_on_samples(rm_dir, meta_files, pairs, d):
     """A reward model, loaded once, on the held-out pairs (accuracy, margin) and on each meta-data
     file (samples of a policy, e.g. the one it will steer): J (Eq. 2), |dr| statistics, gold
     agreement. One result per file."""
-    tok = runtime.load_tokenizer(rm_dir)
-    model = runtime.load_reward_model(rm_dir, tok).to(d.device).eval()
+    tok = loading.load_tokenizer(rm_dir)
+    model = loading.load_reward_model(rm_dir, tok).to(d.device).eval()
     max_len, truncate = trained_lengths(rm_dir, tok)
     accuracy = measure.preference_accuracy(model, data.encode_pairs(tok, pairs, max_len, truncate), tok.pad_token_id, d)
     results = []
@@ -443,10 +446,10 @@ def base(arm):
 
 def args_of(path):
     """The args.json of a finished stage's folder (evaluate.py reads finished seeds only)."""
-    if not runtime.is_done(path):
-        raise runtime.UserError(f"{path} is not done (no DONE marker): run iterate.sh for this seed to finish it "
+    if not run_folder.is_done(path):
+        raise cli.UserError(f"{path} is not done (no DONE marker): run iterate.sh for this seed to finish it "
                                 "before evaluating it")
-    return runtime.read_json(os.path.join(path, "args.json"))
+    return cli.read_json(os.path.join(path, "args.json"))
 
 
 def policy_dirs(run, arms, R):
@@ -528,16 +531,16 @@ def arm_settings(run, arm):
 def evaluate(args, d):
     R, run, arms = args.rounds, args.run_dir, args.arms.split()
     if not os.path.isdir(run):
-        raise runtime.UserError(f"--run_dir {run} does not exist: one seed's run folder, as iterate.sh lays it out "
+        raise cli.UserError(f"--run_dir {run} does not exist: one seed's run folder, as iterate.sh lays it out "
                                 "(e.g. runs/default/seed1)")
     prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)][:args.n_prompts]
     if args.judge == "gold" and not measure.gold_applies(prompts):
-        raise runtime.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
+        raise cli.UserError(f"the gold judge only knows the embedded task, and {args.prompts} holds other "
                                 "prompts: pass --judge <a reward-model folder> (iterate.sh: JUDGE=...)")
     policies, steps = policy_dirs(run, arms, R)
     judge = Judge(args.judge, d)
     texts, scores, empty = {}, {}, {}
-    for name, path in runtime.progress(policies.items(), d, desc="evaluate", total=len(policies)):
+    for name, path in cli.progress(policies.items(), d, desc="evaluate", total=len(policies)):
         texts[name] = responses(path, prompts, args, cache_name(f"{run}/eval", name, path, prompts, args), d)
         scores[name] = judge(prompts, texts[name])
         empty[name] = [not t.strip() for t in texts[name]]
@@ -605,12 +608,12 @@ def check_evaluated_alike(path, result, args):
     hand-run evaluate.py with others would otherwise be pooled without a word)."""
     before = (result.get("config") or {}).get("eval_settings") if isinstance(result, dict) else None
     if not isinstance(before, dict):
-        raise runtime.UserError(f"{path} records no evaluation settings (damaged, or written by an older "
+        raise cli.UserError(f"{path} records no evaluation settings (damaged, or written by an older "
                                 "evaluate.py): delete its eval folder and run iterate.sh again to re-evaluate it")
     now = {k: v for k, v in eval_settings(args).items() if k not in ("rounds", "arms")}  # report() checks those
-    diff = runtime.differences(before, now)
+    diff = run_folder.differences(before, now)
     if diff:
-        raise runtime.UserError(f"{path} was evaluated with other settings ({diff} (that seed -> this report)): "
+        raise cli.UserError(f"{path} was evaluated with other settings ({diff} (that seed -> this report)): "
                                 f"delete {os.path.dirname(path)} and run iterate.sh again, or aggregate with that "
                                 "seed's settings")
 
@@ -622,7 +625,7 @@ def report(results, seeds, n_boot, arms):
     R, steps, margin = cfg["rounds"], cfg["ppo_steps"], cfg["tie_margin"]
     for s, r in zip(seeds, results):
         if (r["config"]["rounds"], r["config"]["ppo_steps"]) != (R, steps) or not set(arms) <= set(r["config"]["arms"]):
-            raise runtime.UserError(f"seed {s} was evaluated with arms {r['config']['arms']}, {r['config']['rounds']} "
+            raise cli.UserError(f"seed {s} was evaluated with arms {r['config']['arms']}, {r['config']['rounds']} "
                                     f"rounds of {r['config']['ppo_steps']} steps; the report needs arms {arms}, {R} rounds "
                                     f"of {steps} steps in every seed: re-run iterate.sh for it with those settings")
     keep = lambda name: name.split("/")[0] in arms or name in ("sft", "raw_data", "vanilla", "vanilla_ppo") or \
@@ -780,8 +783,8 @@ def save(res, out_dir):
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed(precision=args.precision,  # --aggregate runs no model
+    args = cli.parse_args(Args, __doc__, argv)
+    d = distributed.init_distributed(precision=args.precision,  # --aggregate runs no model
                                  model=args.measure or (None if args.aggregate else os.path.join(args.run_dir, "sft")))
     if args.measure:
         pairs = data.load_pairs(args.pairs, args.skip_bad_rows) if args.pairs else []
@@ -796,8 +799,8 @@ def main(argv=None):
         for s in seeds:
             path = os.path.join(args.aggregate, f"seed{s}", "eval", "results.json")
             if not os.path.exists(path):
-                raise runtime.UserError(f"{path} does not exist: evaluate seed {s} first (iterate.sh does)")
-            results.append(runtime.read_json(path))
+                raise cli.UserError(f"{path} does not exist: evaluate seed {s} first (iterate.sh does)")
+            results.append(cli.read_json(path))
             check_evaluated_alike(path, results[-1], args)
         res = report(results, seeds, args.n_boot, args.arms.split())
         out = args.out_dir or args.aggregate
@@ -821,4 +824,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

@@ -13,7 +13,8 @@ MetaRM's J (Eq. 2) is a function of the same reward matrix; it lives in metarm.p
 import torch
 
 import data
-import runtime
+import distributed
+import modeling
 import task
 
 
@@ -24,14 +25,14 @@ def score_sequences(model, seqs, pad_id, d, batch=64):
     (little padding); the rewards come back in the given order."""
     by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.zeros(len(seqs), dtype=torch.float64)
-    for pos, real in runtime.shard_batches(len(seqs), batch, d):
+    for pos, real in distributed.shard_batches(len(seqs), batch, d):
         idx = [by_length[p] for p in pos]
         ids, mask = data.pad([seqs[i] for i in idx], pad_id)
-        with runtime.autocast(d):
-            r = runtime.rewards(model, ids.to(d.device), mask.to(d.device)).double().cpu()
+        with distributed.autocast(d):
+            r = modeling.rewards(model, ids.to(d.device), mask.to(d.device)).double().cpu()
         if real:
             out[idx] = r
-    return runtime.all_sum(out) if d.world > 1 else out
+    return distributed.all_sum(out) if d.world > 1 else out
 
 
 def score_samples(model, samples, pad_id, d):

@@ -4,7 +4,7 @@ preference pairs by the paper's Eq. 1, as in reward_model.py,
     L(theta) = -E_{(x, y_w, y_l) ~ D} log sigmoid(r_theta(x, y_w) - r_theta(x, y_l))        (Eq. 1)
 
 r_theta is a Hugging Face sequence-classification model with one label, initialised from the SFT
-folder and read at the last real (non-pad) token of prompt + response (runtime.rewards).
+folder and read at the last real (non-pad) token of prompt + response (modeling.rewards).
 But every step first adapts it, by one plain gradient-ascent step, to tell apart the responses
 of the *current* policy (no labels needed), and takes its loss there. Step t (the paper's names):
   2. X_t: n preference pairs (x, y_w, y_l) from D        3. X_s: m prompts x k responses from S
@@ -12,7 +12,7 @@ of the *current* policy (no labels needed), and takes its loss there. Step t (th
   5. theta' = theta + eta * grad J_theta(X_s)           meta-process: ascent, a plain step (Eq. 3)
   6. L_theta'(X_t), Eq. 1 at theta' (Eq. 4)             7. theta <- theta - alpha * grad (Eq. 5)
 The gradient in line 7 (--meta_grad) in three forms, side by side in meta_gradient: exact (through
-the inner gradient), first_order (the authors'; works sharded), taylor (Eq. 7-8); gradcheck.py.
+the inner gradient), first_order (the authors'; works sharded), taylor (Eq. 7-8); tools/gradcheck.py.
 
     python metarm.py                                        # train on the embedded task (CPU)
     torchrun --nproc_per_node 2 metarm.py                   # the same with DDP (gloo on CPU)
@@ -30,10 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import cli
 import data
+import distributed
+import loading
 import measure
-import runtime
-from runtime import arg
+import modeling
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -61,7 +66,7 @@ class Args:
     seed: int = arg(1, "seed for the score head and the data order", check=">= 0")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
     deploy: str = arg("theta", "which RM to save: 'theta' = Algorithm 1's last line, theta itself; 'adapted' = "
                       "theta + eta grad J(theta; S), the meta-process applied once more on all of S (an option of "
@@ -81,7 +86,7 @@ def pair_loss(r_w, r_l):
 # ---------------------------------------------------------------------------------------------
 def L(model, X_t, params=None):
     """Eq. 1 on a batch of pairs, averaged."""
-    r = runtime.rewards(model, *X_t, params)
+    r = modeling.rewards(model, *X_t, params)
     n = len(r) // 2
     return pair_loss(r[:n], r[n:]).mean()
 
@@ -95,7 +100,7 @@ def difference_loss(r):
 
 def J(model, X_s, k, params=None):
     """Eq. 2 on a meta batch of m prompts x k responses."""
-    return difference_loss(runtime.rewards(model, *X_s, params).view(-1, k))
+    return difference_loss(modeling.rewards(model, *X_s, params).view(-1, k))
 
 
 def ascend(theta, grad_J, eta):
@@ -114,27 +119,27 @@ def meta_gradient(model, X_t, X_s, k, eta, mode):
     global batches: grad J is averaged over processes before theta' is formed."""
     if mode == "first_order":
         return first_order(model, X_t, X_s, k, eta)
-    net = runtime.unwrap(model)  # exact and taylor do their own averaging over processes
+    net = distributed.unwrap(model)  # exact and taylor do their own averaging over processes
     names, theta = zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad])
     if mode not in ("exact", "taylor"):
         raise ValueError(f"unknown meta_grad {mode!r}")
     with twice():
         J_theta = J(net, X_s, k)
-        grad_J = runtime.all_mean(torch.autograd.grad(J_theta, theta, create_graph=True))     # kept in graph
+        grad_J = distributed.all_mean(torch.autograd.grad(J_theta, theta, create_graph=True))     # kept in graph
     if mode == "exact":
         theta_prime = ascend(theta, grad_J, eta)                                           # Eq. 3
         L_value = L(net, X_t, dict(zip(names, theta_prime)))                              # Eq. 4
         both = torch.autograd.grad(L_value, [*theta, *theta_prime])
         grad = both[:len(theta)]                                     # (I + eta hess J) grad L(theta')
-        grad_L = runtime.all_mean(both[len(theta):])                 # grad L(theta'), for the log
+        grad_L = distributed.all_mean(both[len(theta):])                 # grad L(theta'), for the log
     else:
         with twice():
             L_value = L(net, X_t)
-            grad_L = runtime.all_mean(torch.autograd.grad(L_value, theta, create_graph=True))
+            grad_L = distributed.all_mean(torch.autograd.grad(L_value, theta, create_graph=True))
         surrogate = L_value + eta * sum((gl * gj).sum() for gl, gj in zip(grad_L, grad_J))      # Eq. 7
         grad = torch.autograd.grad(surrogate, theta)                                      # Eq. 8
     detach = lambda ts: [t.detach() for t in ts]
-    return detach(runtime.all_mean(grad)), dict(J=J_theta.detach(), L=L_value.detach(),
+    return detach(distributed.all_mean(grad)), dict(J=J_theta.detach(), L=L_value.detach(),
                                         grad_J=detach(grad_J), grad_L=detach(grad_L))
 
 
@@ -146,15 +151,15 @@ def twice():
 def first_order(model, X_t, X_s, k, eta):
     """The authors' procedure, in place: ascend to theta', back-propagate L there, restore theta.
     Works on FSDP2 shards and under gradient checkpointing (which recomputes with theta')."""
-    theta = runtime.trainable(model)
-    callers = runtime.taken_grads(theta, keep_none=True)  # the caller's .grad, put back at the end
+    theta = distributed.trainable(model)
+    callers = distributed.taken_grads(theta, keep_none=True)  # the caller's .grad, put back at the end
     J_theta = J(model, X_s, k)
     J_theta.backward()                         # grad J(theta), averaged over processes by DDP/FSDP
-    grad_J = runtime.taken_grads(theta)
+    grad_J = distributed.taken_grads(theta)
     with ascended(model, grad_J, eta):         # theta' = theta + eta grad J(theta)        (Eq. 3)
         L_value = L(model, X_t)
         L_value.backward()                     # grad L(theta')                            (Eq. 4)
-    grad = runtime.taken_grads(theta)
+    grad = distributed.taken_grads(theta)
     for p, g in zip(theta, callers):
         p.grad = g
     return grad, dict(J=J_theta.detach(), L=L_value.detach(), grad_J=grad_J, grad_L=grad)
@@ -163,18 +168,18 @@ def first_order(model, X_t, X_s, k, eta):
 @contextlib.contextmanager
 def ascended(model, grad_J, eta):
     """Inside, the model's parameters hold theta' (Eq. 3); after, theta again, bit for bit."""
-    theta = runtime.trainable(model)
+    theta = distributed.trainable(model)
     backup = [p.detach().clone() for p in theta]
-    runtime.copy_(theta, ascend(backup, grad_J, eta))
+    distributed.copy_(theta, ascend(backup, grad_J, eta))
     try:
         yield
     finally:
-        runtime.copy_(theta, backup)
+        distributed.copy_(theta, backup)
 
 
 def refuse_unsupported(args, d):
     if args.meta_grad != "first_order" and (args.gradient_checkpointing or d.world > 1 and d.strategy == "fsdp"):
-        raise runtime.UserError(
+        raise cli.UserError(
             f"--meta_grad {args.meta_grad} back-propagates through grad J: FSDP2 frees the gathered weights "
             "after backward, and gradient checkpointing recomputes with theta, not theta' (silently wrong "
             "gradients). Use --meta_grad first_order (what the authors ran at 7B), or --strategy ddp")
@@ -183,31 +188,31 @@ def refuse_unsupported(args, d):
 def adapt(model, samples, pad_id, args, d):
     """--deploy adapted: theta <- theta + eta grad J(theta; S), in place, with grad J averaged over
     all of S (every process takes its share of each global meta batch, as in training)."""
-    theta = runtime.trainable(model)
+    theta = distributed.trainable(model)
     n_batches = math.ceil(len(samples) / args.meta_batch)
     for b in range(n_batches):
-        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, b, args.seed + 2, d, "--meta_batch")]
+        rows = [samples[i] for i in training.batch_indices(len(samples), args.meta_batch, b, args.seed + 2, d, "--meta_batch")]
         X_s, k = data.meta_batch(rows, pad_id, d.device)
-        with runtime.autocast(d):
+        with distributed.autocast(d):
             (J(model, X_s, k) / n_batches).backward()
-    grad_J = runtime.taken_grads(theta)
+    grad_J = distributed.taken_grads(theta)
     with torch.no_grad():
-        runtime.copy_(theta, ascend(theta, grad_J, args.eta))
+        distributed.copy_(theta, ascend(theta, grad_J, args.eta))
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
+    d = distributed.init_distributed(args.strategy, args.precision, args.sft_dir)
     refuse_unsupported(args, d)
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "metarm")
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "metarm")
     if run is None:  # done, with these settings
         return
 
     # 1. data: the preference pairs D and the meta data S
-    tok = runtime.load_tokenizer(args.sft_dir)
+    tok = loading.load_tokenizer(args.sft_dir)
     pairs = data.load_pairs(args.data, args.skip_bad_rows)
     examples = data.encode_pairs(tok, pairs, args.max_len, args.truncate, args.data)
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
@@ -217,10 +222,10 @@ def train(args):
     gold = measure.gold_applies([p for p, _, _ in meta])
 
     # 2. the reward model: SFT weights and a new head
-    model = runtime.wrap(runtime.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d,
+    model = distributed.wrap(loading.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
+    total = training.total_steps(len(examples), args.global_batch, args.epochs)
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
@@ -246,26 +251,26 @@ def train(args):
 
     # 3. train: Algorithm 1, lines 2-7
     model.train()
-    theta = runtime.trainable(model)
+    theta = distributed.trainable(model)
     at = "theta" if args.meta_grad == "taylor" else "theta_prime"  # where L and grad L are evaluated
-    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="metarm"):
-        mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
+    for step in cli.progress(range(start, total), d, initial=start, total=total, desc="metarm"):
+        mine = [examples[i] for i in training.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
         X_t = data.pair_batch(mine, tok.pad_token_id, d.device)                             # 2. X_t from D
-        rows = [samples[i] for i in runtime.batch_indices(len(samples), args.meta_batch, step, args.seed + 1, d, "--meta_batch")]
+        rows = [samples[i] for i in training.batch_indices(len(samples), args.meta_batch, step, args.seed + 1, d, "--meta_batch")]
         X_s, k = data.meta_batch(rows, tok.pad_token_id, d.device)                          # 3. X_s from S
-        with runtime.autocast(d):                                                           # 4.-6. meta-step
+        with distributed.autocast(d):                                                           # 4.-6. meta-step
             grad, info = meta_gradient(model, X_t, X_s, k, args.eta, args.meta_grad)
         with torch.no_grad(), ascended(model, info["grad_J"], args.eta):
-            J_prime = runtime.mean_over_processes(J(model, X_s, k))                         # J(theta'), logged
+            J_prime = distributed.mean_over_processes(J(model, X_s, k))                         # J(theta'), logged
         gL, gJ = info["grad_L"], info["grad_J"]                                             # logged before clipping
-        norms = {f"meta/gradL_at_{at}_norm": runtime.dot(gL, gL) ** 0.5, "meta/gradJ_norm": runtime.dot(gJ, gJ) ** 0.5}
-        norms[f"meta/cos_gradL_at_{at}_gradJ"] = runtime.dot(gL, gJ) / max(math.prod(norms.values()), 1e-30)
+        norms = {f"meta/gradL_at_{at}_norm": distributed.dot(gL, gL) ** 0.5, "meta/gradJ_norm": distributed.dot(gJ, gJ) ** 0.5}
+        norms[f"meta/cos_gradL_at_{at}_gradJ"] = distributed.dot(gL, gJ) / max(math.prod(norms.values()), 1e-30)
         for p, g in zip(theta, grad):
             p.grad = g
-        grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        L_value, J_value = runtime.mean_over_processes(info["L"]), runtime.mean_over_processes(info["J"])
+        grad_norm = training.clip_grad_norm(model, args.max_grad_norm)
+        L_value, J_value = distributed.mean_over_processes(info["L"]), distributed.mean_over_processes(info["J"])
         run.stop_unless_finite(step, **{f"train/L_at_{at}": L_value, "meta/J": J_value, "train/grad_norm": grad_norm})
-        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()                                                     # 7. theta <- theta - alpha * grad
         opt.zero_grad(set_to_none=True)
         run.log(step + 1, {f"train/L_at_{at}": L_value, "meta/J": J_value, "meta/J_after_ascent": J_prime,
@@ -283,13 +288,13 @@ def train(args):
     summary.update(evaluate(total, final=True))
     model.eval()
     stats = measure.reward_stats(model, examples, tok.pad_token_id, d)
-    runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
+    loading.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
     run.finish({**summary, "reward_stats": stats})
 
 
 def main(argv=None):
-    train(runtime.parse_args(Args, __doc__, argv))
+    train(cli.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

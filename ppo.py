@@ -33,10 +33,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
+import distributed
+import loading
 import measure
-import runtime
-from runtime import arg
+import modeling
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -76,7 +81,7 @@ class Args:
     seed: int = arg(1, "seed for query order and sampling", check=">= 0")
     save_every: int = arg(10, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -90,8 +95,8 @@ def generate(policy, tok, prompt_ids, args, d):
     with PAD after its EOS, so PAD never hides a real EOS."""
     query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
     query, qmask = query.to(d.device), qmask.to(d.device)
-    with runtime.autocast(d):
-        out = runtime.unwrap(policy).generate(
+    with distributed.autocast(d):
+        out = distributed.unwrap(policy).generate(
             input_ids=query, attention_mask=qmask, do_sample=True, temperature=args.temperature,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -113,7 +118,7 @@ def logprobs_and_entropy(policy, query, qmask, response, rmask, temperature):
     """log pi(response token) for each response position, with logits / temperature as when
     sampling, and the entropy of that distribution."""
     ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=runtime.positions(mask)).logits
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=modeling.positions(mask)).logits
     logits = logits[:, query.shape[1] - 1:-1].float() / temperature
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(2, response[:, :, None]).squeeze(2)
@@ -166,9 +171,9 @@ def gae(rewards, values, rmask, gamma, lam):
 
 def masked_whiten(x, mask):
     """(x - mean) / std over the masked entries of every process (so the world size is moot)."""
-    n = runtime.all_sum(float(mask.sum()))
-    mean = runtime.all_sum(float((x * mask).sum())) / n
-    var = runtime.all_sum(float((((x - mean) * mask) ** 2).sum())) / n
+    n = distributed.all_sum(float(mask.sum()))
+    mean = distributed.all_sum(float((x * mask).sum())) / n
+    var = distributed.all_sum(float((((x - mean) * mask) ** 2).sum())) / n
     return (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8)) * mask
 
 
@@ -206,7 +211,7 @@ class AdaptiveKL:
 # Roll-outs and the PPO update
 # ---------------------------------------------------------------------------------------------
 class Timer(dict):
-    """Seconds spent per named part of a step (the time breakdown in the log and bench_ppo.py)."""
+    """Seconds spent per named part of a step (the time breakdown in the log and tools/bench_ppo.py)."""
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -228,7 +233,7 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
     qmask = (query != tok.pad_token_id).long()
     rmask = response_mask(response, tok.eos_token_id)
     ended = (response == tok.eos_token_id).any(1)
-    with runtime.autocast(d):
+    with distributed.autocast(d):
         with timer("policy_forward"):
             logp, _ = logprobs_and_entropy(policy, query, qmask, response, rmask, args.temperature)
         with timer("reference_forward"):
@@ -237,15 +242,15 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
             values = values_of(critic, query, qmask, response, rmask).float()
         with timer("reward_forward"):
             ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-            score = runtime.rewards(reward, ids, mask).float()
+            score = modeling.rewards(reward, ids, mask).float()
     shaped = shape_score(score, ended, stats, args.reward_clip, args.missing_eos_penalty)
     rewards, kl = token_rewards(shaped, logp, ref_logp, rmask, kl_coef)
     adv, returns = gae(rewards, values, rmask, args.gamma, args.lam)
     if args.whiten_advantages:
         adv = masked_whiten(adv, rmask.float())
     policy.train()
-    runtime.reshard(policy)
-    runtime.reshard(critic)
+    distributed.reshard(policy)
+    distributed.reshard(critic)
     return dict(query=query, qmask=qmask, response=response, rmask=rmask, logp=logp, values=values,
                 adv=adv, returns=returns, score=score, shaped=shaped, kl=kl, ended=ended.float())
 
@@ -262,16 +267,16 @@ def ppo_update(policy, critic, popt, copt, batch, args, d, stop_unless_finite=No
         order = torch.randperm(n, generator=gen)
         for idx in order.chunk(args.mini_batches):
             b = {k: v[idx] for k, v in batch.items()}
-            tokens = runtime.all_sum(float(b["rmask"].sum()))
-            with runtime.autocast(d):
+            tokens = distributed.all_sum(float(b["rmask"].sum()))
+            with distributed.autocast(d):
                 logp, entropy = logprobs_and_entropy(policy, b["query"], b["qmask"], b["response"], b["rmask"], args.temperature)
                 pg, clip, akl = policy_loss(logp, b["logp"], b["adv"], b["rmask"], args.cliprange)
                 v = values_of(critic, b["query"], b["qmask"], b["response"], b["rmask"])
                 vf, vclip = value_loss(v, b["values"], b["returns"], b["rmask"], args.cliprange_value)
                 ((pg + args.vf_coef * vf) * d.world / tokens).backward()
-            norms = {"ppo/policy/grad_norm": runtime.clip_grad_norm(policy, args.max_grad_norm),
-                     "ppo/val/grad_norm": runtime.clip_grad_norm(critic, args.max_grad_norm)}
-            mine = {key: runtime.all_sum(float(val.detach())) for key, val in (  # this mini-batch, all processes
+            norms = {"ppo/policy/grad_norm": training.clip_grad_norm(policy, args.max_grad_norm),
+                     "ppo/val/grad_norm": training.clip_grad_norm(critic, args.max_grad_norm)}
+            mine = {key: distributed.all_sum(float(val.detach())) for key, val in (  # this mini-batch, all processes
                 ("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("kl", akl), ("ent", (entropy * b["rmask"]).sum()))}
             if stop_unless_finite:
                 stop_unless_finite(**norms, **{"ppo/policy/loss": mine["pg"] / tokens, "ppo/val/loss": mine["vf"] / tokens})
@@ -307,32 +312,32 @@ def same_prompt_stats(score, k):
 def load_reward_stats(rm_dir):
     """The reward mean and std that reward_model.py / metarm.py stored beside the RM."""
     path = os.path.join(rm_dir, "reward_stats.json")
-    stats = runtime.read_json(path)
+    stats = cli.read_json(path)
     if not (isinstance(stats, dict) and all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std"))
             and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
-        raise runtime.UserError(f"{path}: needs a finite 'mean' and a positive 'std', got {stats}")
+        raise cli.UserError(f"{path}: needs a finite 'mean' and a positive 'std', got {stats}")
     return stats
 
 
 def train(args, d):
     if args.queries % d.world:
-        raise runtime.UserError(f"--queries {args.queries} must be divisible by the number of processes {d.world}")
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "ppo")
+        raise cli.UserError(f"--queries {args.queries} must be divisible by the number of processes {d.world}")
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "ppo")
     if run is None:  # done, with these settings
         return
-    tok = runtime.load_tokenizer(args.policy_dir)
+    tok = loading.load_tokenizer(args.policy_dir)
     texts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
     prompts = list(zip(data.encode_prompts(tok, texts, args.max_prompt_len, args.truncate, args.prompts), texts))
     gold = measure.gold_applies(texts)
 
     # the four models: policy (trained), reference (frozen), reward (frozen), critic (trained)
-    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
-    ref = runtime.wrap(runtime.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
-    # (the reference and the reward model must share the policy's tokenizer: runtime.check_tokenizer)
-    reward = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
+    policy = distributed.wrap(loading.load_causal_lm(args.policy_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
+    ref = distributed.wrap(loading.load_causal_lm(args.ref_dir or args.policy_dir, tok), d, trainable=False).eval()
+    # (the reference and the reward model must share the policy's tokenizer: loading.check_tokenizer)
+    reward = distributed.wrap(loading.load_reward_model(args.rm_dir, tok), d, trainable=False).eval()
     stats = load_reward_stats(args.rm_dir)
-    critic = runtime.wrap(runtime.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
+    critic = distributed.wrap(loading.load_reward_model(args.rm_dir, tok), d, gradient_checkpointing=args.gradient_checkpointing)
     popt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, eps=1e-5)
     copt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
@@ -344,9 +349,9 @@ def train(args, d):
     d.print(f"ppo: {len(prompts)} prompts, {args.steps} steps of {args.queries} queries x "
             f"{args.rollouts_per_query} roll-outs")
 
-    for step in runtime.progress(range(start, args.steps), d, initial=start, total=args.steps, desc="ppo"):
+    for step in cli.progress(range(start, args.steps), d, initial=start, total=args.steps, desc="ppo"):
         t0, timer = time.perf_counter(), Timer()
-        rows = runtime.batch_indices(len(prompts), args.queries, step, args.seed, d, "--queries")
+        rows = training.batch_indices(len(prompts), args.queries, step, args.seed, d, "--queries")
         mine = [prompts[i] for i in rows for _ in range(args.rollouts_per_query)]
         batch = rollout(policy, ref, reward, critic, tok, mine, args, stats, kl_ctl.beta, d, timer)
         with timer("ppo_epochs"):
@@ -355,8 +360,8 @@ def train(args, d):
 
         # metrics of the roll-outs (the objective the policy maximises, and the drift)
         kl_sum = batch["kl"].sum(1)
-        n = runtime.all_sum(len(kl_sum))
-        mean = lambda x: runtime.all_sum(float(x.sum())) / n
+        n = distributed.all_sum(len(kl_sum))
+        mean = lambda x: distributed.all_sum(float(x.sum())) / n
         metrics.update({
             "objective/scores": mean(batch["score"]), "objective/shaped_score": mean(batch["shaped"]),
             "objective/kl": mean(kl_sum), "objective/rlhf_reward": mean(batch["shaped"] - kl_ctl.beta * kl_sum),
@@ -373,19 +378,19 @@ def train(args, d):
             snap = os.path.join(args.output_dir, f"step{step + 1}")
             if d.main:
                 os.makedirs(snap, exist_ok=True)
-            runtime.save_model(policy, tok, snap, d, extra={"DONE": {"stage": "ppo snapshot", "step": step + 1}})
+            loading.save_model(policy, tok, snap, d, extra={"DONE": {"stage": "ppo snapshot", "step": step + 1}})
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             run.save_checkpoint(step + 1, {"policy": (policy, popt), "critic": (critic, copt)},
                                 {"kl_coef": kl_ctl.beta})
 
-    runtime.save_model(policy, tok, args.output_dir, d)
+    loading.save_model(policy, tok, args.output_dir, d)
     run.finish({"stage": "ppo", "steps": args.steps})
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, __doc__, argv)
-    train(args, runtime.init_distributed(args.strategy, args.precision, args.policy_dir))
+    args = cli.parse_args(Args, __doc__, argv)
+    train(args, distributed.init_distributed(args.strategy, args.precision, args.policy_dir))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

@@ -3,7 +3,7 @@
     L(theta) = -E_{(x, y_w, y_l) ~ D} log sigmoid(r_theta(x, y_w) - r_theta(x, y_l))        (Eq. 1)
 
 r_theta is a Hugging Face sequence-classification model with one label, initialised from the SFT
-folder and read at the last real (non-pad) token of prompt + response (runtime.rewards).
+folder and read at the last real (non-pad) token of prompt + response (modeling.rewards).
 metarm.py is this file plus Algorithm 1's meta-step: `diff reward_model.py metarm.py` shows it.
 
     python reward_model.py                                  # train on the embedded task (CPU)
@@ -18,10 +18,15 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
+import distributed
+import loading
 import measure
-import runtime
-from runtime import arg
+import modeling
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -45,7 +50,7 @@ class Args:
     seed: int = arg(1, "seed for the score head and the data order", check=">= 0")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -61,14 +66,14 @@ def pair_loss(r_w, r_l):
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision, args.sft_dir)
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "reward_model")
+    d = distributed.init_distributed(args.strategy, args.precision, args.sft_dir)
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "reward_model")
     if run is None:  # done, with these settings
         return
 
     # 1. data: the preference pairs D
-    tok = runtime.load_tokenizer(args.sft_dir)
+    tok = loading.load_tokenizer(args.sft_dir)
     pairs = data.load_pairs(args.data, args.skip_bad_rows)
     examples = data.encode_pairs(tok, pairs, args.max_len, args.truncate, args.data)
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
@@ -76,10 +81,10 @@ def train(args):
     gold = measure.gold_applies([p for p, _, _, _ in pairs])
 
     # 2. the reward model: SFT weights and a new head
-    model = runtime.wrap(runtime.load_reward_model(args.sft_dir, tok, trained=False), d,
+    model = distributed.wrap(loading.load_reward_model(args.sft_dir, tok, trained=False), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
+    total = training.total_steps(len(examples), args.global_batch, args.epochs)
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
@@ -99,26 +104,26 @@ def train(args):
 
     # 3. train: Eq. 1, averaged over the global batch
     model.train()
-    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="rm"):
-        mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
-        chunks = runtime.micro_batches(mine, args.micro_batch)
+    for step in cli.progress(range(start, total), d, initial=start, total=total, desc="rm"):
+        mine = [examples[i] for i in training.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
+        chunks = training.micro_batches(mine, args.micro_batch)
         L_sum = right = 0.0
         for j, chunk in enumerate(chunks):
             X_t = data.pair_batch(chunk, tok.pad_token_id, d.device)
-            with runtime.grad_sync(model, j == len(chunks) - 1), runtime.autocast(d):
-                r = runtime.rewards(model, *X_t)
+            with distributed.grad_sync(model, j == len(chunks) - 1), distributed.autocast(d):
+                r = modeling.rewards(model, *X_t)
                 r_w, r_l = r[:len(chunk)], r[len(chunk):]
                 L_chunk = pair_loss(r_w, r_l).sum()
                 (L_chunk * d.world / args.global_batch).backward()
             L_sum += L_chunk.item()
             right += (r_w > r_l).float().sum().item()
-        grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        L_value = runtime.all_sum(L_sum) / args.global_batch
+        grad_norm = training.clip_grad_norm(model, args.max_grad_norm)
+        L_value = distributed.all_sum(L_sum) / args.global_batch
         run.stop_unless_finite(step, **{"train/L": L_value, "train/grad_norm": grad_norm})
-        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/L": L_value, "train/accuracy": runtime.all_sum(right) / args.global_batch,
+        run.log(step + 1, {"train/L": L_value, "train/accuracy": distributed.all_sum(right) / args.global_batch,
                            "train/grad_norm": grad_norm, "train/lr": lr})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
@@ -134,13 +139,13 @@ def train(args):
             summary["label_ceiling/eval"] = measure.label_ceiling(eval_pairs)
     model.eval()
     stats = measure.reward_stats(model, examples, tok.pad_token_id, d)
-    runtime.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
+    loading.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})
     run.finish({**summary, "reward_stats": stats})
 
 
 def main(argv=None):
-    train(runtime.parse_args(Args, __doc__, argv))
+    train(cli.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

@@ -17,9 +17,12 @@ import time
 import torch
 import torch.distributed as dist
 
+import cli
 import data
-import runtime
-from runtime import arg
+import distributed
+import loading
+import run_folder
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -38,7 +41,7 @@ class Args:
     skip_bad_rows: bool = arg(False, "skip malformed prompt rows (counted and reported) instead of stopping")
     seed: int = arg(101, "seed for sampling, process r uses seed + r (iterate.sh: 100 x its seed + the round)", check=">= 0")
     strategy: str = arg("ddp", "multi-process wrapping (the policy is frozen: fsdp shards it)", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
 
 
 @torch.no_grad()
@@ -47,8 +50,8 @@ def generate(model, tok, prompt_ids, s, d):
     prompt_ids: list of id lists, left-padded here so that every response starts at the same
     column. Returns the response ids, padded with PAD after their EOS."""
     query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
-    with runtime.autocast(d):
-        out = runtime.unwrap(model).generate(
+    with distributed.autocast(d):
+        out = distributed.unwrap(model).generate(
             input_ids=query.to(d.device), attention_mask=qmask.to(d.device), do_sample=True,
             temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
             max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -60,8 +63,8 @@ def generate(model, tok, prompt_ids, s, d):
 def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
     """k responses for every prompt; each process samples a share, every process gets all."""
     out = {}
-    batches = list(runtime.shard_batches(len(prompts), max(1, batch // args.k), d))
-    for idx, real in runtime.progress(batches, d, desc="sample"):
+    batches = list(distributed.shard_batches(len(prompts), max(1, batch // args.k), d))
+    for idx, real in cli.progress(batches, d, desc="sample"):
         ids = [prompt_ids[j] for j in idx for _ in range(args.k)]
         texts = data.decode_responses(tok, generate(policy, tok, ids, args, d))
         if real:
@@ -75,18 +78,18 @@ def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, __doc__, argv)
-    d = runtime.init_distributed(args.strategy, args.precision, args.policy_dir)
-    run = runtime.Run.open(args.output_dir, args, d, "sample")
+    args = cli.parse_args(Args, __doc__, argv)
+    d = distributed.init_distributed(args.strategy, args.precision, args.policy_dir)
+    run = run_folder.Run.open(args.output_dir, args, d, "sample")
     if run is None:  # done, with these settings
         return
-    runtime.set_seed(args.seed + d.rank)
-    tok = runtime.load_tokenizer(args.policy_dir)
+    cli.set_seed(args.seed + d.rank)
+    tok = loading.load_tokenizer(args.policy_dir)
     prompts = [p for p, _ in data.load_prompts(args.prompts, args.skip_bad_rows)]
     if args.max_prompts:
         prompts = prompts[:args.max_prompts]
     prompt_ids = data.encode_prompts(tok, prompts, args.max_prompt_len, args.truncate, args.prompts)
-    policy = runtime.wrap(runtime.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
+    policy = distributed.wrap(loading.load_causal_lm(args.policy_dir, tok), d, trainable=False).eval()
     d.print(f"sample: {len(prompts)} prompts x {args.k} responses from {args.policy_dir}")
     t0 = time.time()
     rows = sample_meta(policy, tok, prompts, prompt_ids, args, d)
@@ -99,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

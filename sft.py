@@ -17,9 +17,13 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
-import runtime
-from runtime import arg
+import distributed
+import loading
+import run_folder
+import training
+from cli import arg
 
 
 @dataclasses.dataclass
@@ -41,7 +45,7 @@ class Args:
     seed: int = arg(1, "seed for initialisation and data order", check=">= 0")
     save_every: int = arg(100, "checkpoint every this many steps", check="> 0")
     strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
-    precision: str = arg("auto", runtime.PRECISION_HELP, ["auto", "fp32", "bf16"])
+    precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -53,24 +57,24 @@ def sft_loss_sum(logits, labels):
 
 
 def train(args):
-    d = runtime.init_distributed(args.strategy, args.precision, args.model_name_or_path)
-    runtime.set_seed(args.seed)
-    run = runtime.Run.open(args.output_dir, args, d, "sft")
+    d = distributed.init_distributed(args.strategy, args.precision, args.model_name_or_path)
+    cli.set_seed(args.seed)
+    run = run_folder.Run.open(args.output_dir, args, d, "sft")
     if run is None:  # done, with these settings
         return
 
     # 1. data: tokenized once; prompt tokens are masked out of the loss
-    tok = runtime.load_tokenizer(args.model_name_or_path)
+    tok = loading.load_tokenizer(args.model_name_or_path)
     rows = data.load_sft(args.data, args.skip_bad_rows)
     enc = data.Encoder(tok, args.max_len, args.truncate)
     examples = [enc(p, r, where) for p, r, where in rows]
     enc.report(args.data)
 
     # 2. model, optimizer, schedule
-    model = runtime.load_causal_lm(args.model_name_or_path, tok)
-    model = runtime.wrap(model, d, gradient_checkpointing=args.gradient_checkpointing)
+    model = loading.load_causal_lm(args.model_name_or_path, tok)
+    model = distributed.wrap(model, d, gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = runtime.total_steps(len(examples), args.global_batch, args.epochs)
+    total = training.total_steps(len(examples), args.global_batch, args.epochs)
     if args.max_steps:
         total = min(total, args.max_steps)
     warmup = int(args.warmup * len(examples) / args.global_batch)
@@ -82,22 +86,22 @@ def train(args):
 
     # 3. train: loss = sum over the global batch's response tokens / their number
     model.train()
-    for step in runtime.progress(range(start, total), d, initial=start, total=total, desc="sft"):
-        mine = [examples[i] for i in runtime.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
-        n_tokens = runtime.all_sum(sum(len(r) for _, r in mine))
+    for step in cli.progress(range(start, total), d, initial=start, total=total, desc="sft"):
+        mine = [examples[i] for i in training.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
+        n_tokens = distributed.all_sum(sum(len(r) for _, r in mine))
         loss_sum = 0.0
-        chunks = runtime.micro_batches(mine, args.micro_batch)
+        chunks = training.micro_batches(mine, args.micro_batch)
         for j, chunk in enumerate(chunks):
             ids, mask, labels = (t.to(d.device) for t in data.response_batch(chunk, tok.pad_token_id))
-            with runtime.grad_sync(model, j == len(chunks) - 1), runtime.autocast(d):
+            with distributed.grad_sync(model, j == len(chunks) - 1), distributed.autocast(d):
                 s = sft_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
                 # DDP/FSDP average gradients over processes: scale so the result is the global mean
                 (s * d.world / n_tokens).backward()
             loss_sum += s.item()
-        grad_norm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        loss = runtime.all_sum(loss_sum) / n_tokens
+        grad_norm = training.clip_grad_norm(model, args.max_grad_norm)
+        loss = distributed.all_sum(loss_sum) / n_tokens
         run.stop_unless_finite(step, **{"train/loss": loss, "train/grad_norm": grad_norm})
-        lr = runtime.set_lr(opt, args.lr, step, total, warmup)
+        lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.log(step + 1, {"train/loss": loss, "train/lr": lr,
@@ -106,13 +110,13 @@ def train(args):
             run.save_checkpoint(step + 1, {"model": (model, opt)})
 
     # 4. save the model where the next stage expects it, DONE last
-    runtime.save_model(model, tok, args.output_dir, d)
+    loading.save_model(model, tok, args.output_dir, d)
     run.finish({"stage": "sft", "steps": total})
 
 
 def main(argv=None):
-    train(runtime.parse_args(Args, __doc__, argv))
+    train(cli.parse_args(Args, __doc__, argv))
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

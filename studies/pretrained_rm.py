@@ -130,7 +130,7 @@ def holm(p_values):
 
 
 # ---------------------------------------------------------------------------------------------
-# The eta grid from the diagnostic (metastep.py --out at the SmolLM2 RM's end)
+# The eta grid from the diagnostic (tools/metastep.py --out at the SmolLM2 RM's end)
 # ---------------------------------------------------------------------------------------------
 def ratios_for(diagnostic, targets=(0.01, 0.1, 1.0), point="end", form="first_order"):
     """The eta / alpha at which the median change of the gradient is `target` x the median
@@ -198,7 +198,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="1 2 3 4 5 6 7 8")
     p.add_argument("--ratios", default="", help="eta / alpha of the MetaRM arms, space separated")
     p.add_argument("--out_dir", default="runs/study-pretrained-rm")
-    p.add_argument("--diagnostic", default="docs/metastep-smollm2.json", help="ratios: metastep.py's --out")
+    p.add_argument("--diagnostic", default="docs/metastep-smollm2.json", help="ratios: tools/metastep.py's --out")
     args = p.parse_args(argv)
     if args.mode == "ratios":
         with open(args.diagnostic) as f:

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import runtime  # noqa: E402
+import cli  # noqa: E402
+import modeling  # noqa: E402
 import task  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def run_script(*argv, nproc=1, check=True, env=None, timeout=600):
 
 
 def assert_cli_error(script, *argv, message, capsys):
-    """Run a stage as its `if __name__ == "__main__"` does (runtime.guard around main, in this
+    """Run a stage as its `if __name__ == "__main__"` does (cli.guard around main, in this
     process) and check that a user mistake ends as it should: exit status 2 and one last
     'error: ...' line containing `message`, no traceback. (The same through a real `python
     stage.py`: test_failures.py::test_bad_flag_from_the_command_line.)"""
@@ -75,7 +76,7 @@ def assert_cli_error(script, *argv, message, capsys):
     stage = importlib.import_module(script.removesuffix(".py"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        runtime.guard(lambda: stage.main(list(argv)))
+        cli.guard(lambda: stage.main(list(argv)))
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert "Traceback" not in err and message in err, err
@@ -137,7 +138,7 @@ def tiny_reward_model(kind, seed=0):
                           num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
         hf = LlamaForSequenceClassification(cfg)
     hf.score.weight.data.normal_(0, 0.3)  # rewards of order one, so J and L have real curvature
-    return runtime.ScalarModel(hf).double()
+    return modeling.ScalarModel(hf).double()
 
 
 def batch(n_rows, seed, min_len=4, max_len=9):

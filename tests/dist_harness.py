@@ -13,12 +13,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import data  # noqa: E402
+import distributed  # noqa: E402
 import dpo  # noqa: E402
+import loading  # noqa: E402
 import metarm  # noqa: E402
 import ppo  # noqa: E402
 import reward_model as rm  # noqa: E402
-import runtime  # noqa: E402
+import run_folder  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -35,7 +38,7 @@ def stages(strategy, out, micro):
     if strategy == "fsdp":  # the second-order forms must refuse, with the reason
         try:
             metarm.main(["--meta_data", micro["meta"], "--meta_grad", "exact", "--output_dir", f"{out}/refused", *s])
-        except runtime.UserError as e:
+        except cli.UserError as e:
             with open(f"{out}/refused.txt", "w") as f:
                 f.write(str(e))
     for mode in modes:
@@ -48,13 +51,13 @@ def stages(strategy, out, micro):
 def ppo_update(strategy, out, micro, d):
     """Roll-outs of one global batch, the same on every process (identical weights and seed),
     each process keeping its share; then one PPO update (2 epochs, one mini-batch each)."""
-    args = runtime.parse_args(ppo.Args, "", ["--ppo_epochs", "2", "--mini_batches", "1", "--max_new_tokens", "12",
+    args = cli.parse_args(ppo.Args, "", ["--ppo_epochs", "2", "--mini_batches", "1", "--max_new_tokens", "12",
                                              "--strategy", "ddp" if strategy == "single" else strategy])
-    tok = runtime.load_tokenizer(micro["sft"])
-    policy = runtime.wrap(runtime.load_causal_lm(micro["sft"], tok), d)
-    ref = runtime.wrap(runtime.load_causal_lm(micro["sft"], tok), d, trainable=False)
-    reward = runtime.wrap(runtime.load_reward_model(micro["rm"], tok), d, trainable=False)
-    critic = runtime.wrap(runtime.load_reward_model(micro["rm"], tok), d)
+    tok = loading.load_tokenizer(micro["sft"])
+    policy = distributed.wrap(loading.load_causal_lm(micro["sft"], tok), d)
+    ref = distributed.wrap(loading.load_causal_lm(micro["sft"], tok), d, trainable=False)
+    reward = distributed.wrap(loading.load_reward_model(micro["rm"], tok), d, trainable=False)
+    critic = distributed.wrap(loading.load_reward_model(micro["rm"], tok), d)
     popt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     copt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
     enc = data.Encoder(tok, 64)
@@ -77,16 +80,16 @@ def checkpoint(strategy, out, micro, d):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def fresh():
-        tok = runtime.load_tokenizer(micro["base"])
-        model = runtime.wrap(runtime.load_causal_lm(micro["base"], tok), d)
+        tok = loading.load_tokenizer(micro["base"])
+        model = distributed.wrap(loading.load_causal_lm(micro["base"], tok), d)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt = fresh()
     ids = torch.arange(3, 19).view(2, 8)
     (model(input_ids=ids).logits.float().pow(2).mean() * d.world).backward()
     opt.step()
     opt.zero_grad()
-    args = runtime.parse_args(sft.Args, "", [])
-    run = runtime.Run(f"{out}/ckpt", args, d)
+    args = cli.parse_args(sft.Args, "", [])
+    run = run_folder.Run(f"{out}/ckpt", args, d)
     run.save_checkpoint(1, {"model": (model, opt)})
     weights = get_model_state_dict(model, options=full)
     if d.main:
@@ -94,7 +97,7 @@ def checkpoint(strategy, out, micro, d):
     other = micro.get("other_ckpt")
     if other:  # written at the other world size: reload it here
         model, opt = fresh()
-        runtime.Run(other, args, d).load_checkpoint({"model": (model, opt)})
+        run_folder.Run(other, args, d).load_checkpoint({"model": (model, opt)})
         got, want = get_model_state_dict(model, options=full), torch.load(f"{other}/full.pt")
         if d.main:
             worst = max(float((got[k] - want[k]).abs().max()) for k in want)
@@ -106,22 +109,22 @@ def main():
     strategy, out, micro_json = sys.argv[1:4]
     with open(micro_json) as f:
         micro = json.load(f)
-    d = runtime.init_distributed("ddp" if strategy == "single" else strategy)
+    d = distributed.init_distributed("ddp" if strategy == "single" else strategy)
     if d.main:
         os.makedirs(out, exist_ok=True)
-    runtime.barrier()
+    distributed.barrier()
     stages(strategy, out, micro)
     ppo_update(strategy, out, micro, d)
     checkpoint(strategy, out, micro, d)
     if d.world > 1:
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in
-                    runtime.wrap(runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"])), d).parameters())
+                    distributed.wrap(loading.load_causal_lm(micro["base"], loading.load_tokenizer(micro["base"])), d).parameters())
         sizes = [None] * d.world
         torch.distributed.all_gather_object(sizes, local)
         if d.main:
             with open(f"{out}/shard_sizes.json", "w") as f:
                 json.dump(sizes, f)
-    runtime.shutdown()
+    cli.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import bilevel_rm
+import cli
 import data
 import measure
-import runtime
+import modeling
 from conftest import VOCAB, assert_cli_error, metrics, run_script, tiny_reward_model
 
 
@@ -91,7 +92,7 @@ def problem():
 
 
 def L_of(rm, policy, S, Q, k, args, params=None):
-    return bilevel_rm.L_through_inner(runtime.rewards(rm, *S[:2], params), policy, S, Q, k, args)[0]
+    return bilevel_rm.L_through_inner(modeling.rewards(rm, *S[:2], params), policy, S, Q, k, args)[0]
 
 
 def test_hypergradient_matches_finite_difference():
@@ -189,7 +190,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(micro, micro_sft, mic
         calls.append(1)
         return outer(*a) * (float("nan") if len(calls) > 4 else 1.0)  # 2 distributions a step
     monkeypatch.setattr(bilevel_rm, "outer_loss", poisoned)
-    with pytest.raises(runtime.UserError, match="step 3: non-finite"):
+    with pytest.raises(cli.UserError, match="step 3: non-finite"):
         bilevel_rm.main(argv(tmp_path / "cut"))
     calls.clear()
     monkeypatch.setattr(bilevel_rm, "outer_loss", lambda *a: calls.append(1) or outer(*a))

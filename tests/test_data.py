@@ -4,8 +4,9 @@ import re
 
 import pytest
 
+import cli
 import data
-import runtime
+import loading
 import sft
 from conftest import assert_cli_error
 
@@ -90,13 +91,13 @@ def test_cli_errors_are_one_line(tmp_path, micro, capsys):
         if i == 0:  # as from the command line: one 'error:' line, status 2, no traceback
             assert_cli_error("sft.py", *args, message=message, capsys=capsys)
         else:
-            with pytest.raises(runtime.UserError, match=re.escape(message)):
+            with pytest.raises(cli.UserError, match=re.escape(message)):
                 sft.main(args)
 
 
 def test_too_long_rows(micro):
-    import runtime
-    tok = runtime.load_tokenizer(micro["base"])
+    import loading
+    tok = loading.load_tokenizer(micro["base"])
     prompt, response = "\n\nHuman: how do i fix my laptop ?\n\nAssistant:", " restart the laptop ."
     p_ids, r_ids = tok(prompt)["input_ids"], tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     with pytest.raises(data.DataError, match=r"f.jsonl, row 3: .* more than --max_len 10"):
@@ -115,7 +116,7 @@ def test_too_long_rows(micro):
 def test_special_token_strings_in_rows_stay_text(micro):
     """A '</s>' or '<pad>' written in a row is text: no EOS, BOS or PAD id comes from it (PPO
     would take a literal <pad> in a prompt for padding), and it decodes back as written."""
-    tok = runtime.load_tokenizer(micro["base"])
+    tok = loading.load_tokenizer(micro["base"])
     specials = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}
     written = " ".join(tok.all_special_tokens)
     enc = data.Encoder(tok, 256)
@@ -128,7 +129,7 @@ def test_special_token_strings_in_rows_stay_text(micro):
 
 
 def test_a_pair_cut_on_both_sides_is_one_row(micro, capsys):
-    tok = runtime.load_tokenizer(micro["base"])
+    tok = loading.load_tokenizer(micro["base"])
     long = " restart the laptop and then restart it again and again ."
     pairs = [("\n\nHuman: how do i fix my laptop ?\n\nAssistant:", long, long + " no", "f.jsonl, row 1")]
     data.encode_pairs(tok, pairs, 8, True, "f.jsonl")

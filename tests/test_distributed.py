@@ -9,9 +9,12 @@ import os
 import pytest
 import torch
 
+import cli
+import distributed
+import loading
 import ppo
+import run_folder
 import sample
-import runtime
 from conftest import metrics, run_script
 
 pytestmark = pytest.mark.slow  # torchrun
@@ -89,11 +92,11 @@ def test_checkpoint_from_one_process_reloads_in_two(runs, strategy):
 def test_checkpoint_from_two_processes_reloads_in_one(runs, micro):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     import sft
-    tok = runtime.load_tokenizer(micro["base"])
-    model = runtime.load_causal_lm(micro["base"], tok)
+    tok = loading.load_tokenizer(micro["base"])
+    model = loading.load_causal_lm(micro["base"], tok)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     path = os.path.join(runs["fsdp"], "ckpt")
-    state = runtime.Run(path, runtime.parse_args(sft.Args, "", []), runtime.Dist()).load_checkpoint({"model": (model, opt)})
+    state = run_folder.Run(path, cli.parse_args(sft.Args, "", []), distributed.Dist()).load_checkpoint({"model": (model, opt)})
     assert state["step"] == 1
     want = torch.load(os.path.join(path, "full.pt"))
     got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -104,7 +107,7 @@ def test_checkpoint_from_two_processes_reloads_in_one(runs, micro):
 def test_fsdp_holds_half_the_parameters_per_process(runs, micro):
     with open(os.path.join(runs["fsdp"], "shard_sizes.json")) as f:
         sizes = json.load(f)
-    total = sum(p.numel() for p in runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"])).parameters())
+    total = sum(p.numel() for p in loading.load_causal_lm(micro["base"], loading.load_tokenizer(micro["base"])).parameters())
     assert sum(sizes) >= total and max(sizes) <= total / 2 + 1000  # dim-0 sharding pads a few rows
 
 

@@ -12,10 +12,15 @@ import subprocess
 
 import pytest
 
-import runtime
+import cli
 from conftest import ROOT
 
 STAGES = ["sft", "reward_model", "sample", "metarm", "bilevel_rm", "ppo", "dpo", "gradcheck", "evaluate"]  # the order they run in
+TOOLS = {"gradcheck"}  # in tools/
+
+
+def module(script):
+    return importlib.import_module(f"tools.{script}" if script in TOOLS else script)
 # what a stage's default command reads comes from the level before: sft; then the vanilla RM, the SFT
 # samples and DPO (from sft); then the rest (from the RM and the samples)
 LEVEL = {"sft": 0, "reward_model": 1, "sample": 1, "dpo": 1,
@@ -27,7 +32,7 @@ def documented_commands():
     (with its backslash continuations) in README.md, docs/*.md and the stage files' docstrings."""
     texts = [(p, open(p).read()) for p in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]]
     for name in STAGES:
-        texts.append((f"{name}.py", importlib.import_module(name).__doc__ or ""))
+        texts.append((f"{name}.py", module(name).__doc__ or ""))
     for where, text in texts:
         text = text.replace("\\\\\n", " ").replace("\\\n", " ")
         for line in text.splitlines():
@@ -49,26 +54,26 @@ def test_the_docs_show_commands_of_every_stage():
 @pytest.mark.parametrize("where,launcher,script,argv", COMMANDS,
                          ids=[f"{w}:{s}:{i}" for i, (w, _, s, _) in enumerate(COMMANDS)])
 def test_documented_command_parses(where, launcher, script, argv):
-    stage = importlib.import_module(script)
+    stage = module(script)
     try:
-        runtime.parse_args(stage.Args, "", argv)
+        cli.parse_args(stage.Args, "", argv)
     except SystemExit:
         pytest.fail(f"{where}: `{script}.py {' '.join(argv)}` does not parse")
 
 
 def runnable_here(launcher, argv):
     """One process, on the default layout: not the 7B recipes, not the recorded experiment
-    (runs/exp), no placeholders (RM_DIR, P), and nothing that needs a whole multi-round run
+    (runs/exp), not the 26 M "larger" model (its own task.py folder), no placeholders (RM_DIR, P), and nothing that needs a whole multi-round run
     (a later round's policy, a seed's evaluation, several seeds)."""
     words = " ".join(argv)
-    return (launcher == "python" and not re.search(r"runs/(7b|exp)|\b[A-Z][A-Z_]*\b|/round\d", words)
+    return (launcher == "python" and not re.search(r"runs/(7b|exp|larger)|\b[A-Z][A-Z_]*\b|/round\d", words)
             and "--run_dir" not in argv and "--aggregate" not in argv)
 
 
 @pytest.mark.slow
 def test_documented_commands_run_verbatim(micro, tmp_path, monkeypatch, capsys):
     """Each distinct runnable command, once, stages in pipeline order, each as its `python X.py`
-    does (runtime.guard around main, here in this process, in a folder whose runs/default/task is
+    does (cli.guard around main, here in this process, in a folder whose runs/default/task is
     the micro task): none ends in an error."""
     task = tmp_path / "runs" / "default" / "task"
     shutil.copytree(micro["data"], task / "data")
@@ -80,7 +85,7 @@ def test_documented_commands_run_verbatim(micro, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for script, argv in todo:
         try:
-            runtime.guard(lambda: importlib.import_module(script).main(list(argv)))
+            cli.guard(lambda: module(script).main(list(argv)))
         except SystemExit as e:
             pytest.fail(f"python {script}.py {' '.join(argv)}: exit status {e.code}\n{capsys.readouterr().err[-3000:]}")
 
@@ -102,6 +107,6 @@ def test_preset_flags_parse(preset):
     assert len(values) == len(PRESET_FLAGS) and all(values), p.stdout
     for (name, script), value in zip(PRESET_FLAGS.items(), values):
         try:
-            runtime.parse_args(importlib.import_module(script).Args, "", shlex.split(value))
+            cli.parse_args(importlib.import_module(script).Args, "", shlex.split(value))
         except SystemExit:
             pytest.fail(f"presets/{preset}: {name}={value!r} has a flag {script}.py does not")

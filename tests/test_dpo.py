@@ -10,7 +10,8 @@ import torch
 
 import data
 import dpo
-import runtime
+import loading
+import modeling
 from conftest import metrics
 
 
@@ -28,14 +29,14 @@ def test_loss_and_implicit_reward_by_hand():
 
 def test_sequence_logps_against_a_loop(micro, micro_sft):
     """Right-padded batch of chosen and rejected rows vs. each row alone, no padding, summed by hand."""
-    tok = runtime.load_tokenizer(micro_sft)
-    model = runtime.load_causal_lm(micro_sft, tok).eval()
+    tok = loading.load_tokenizer(micro_sft)
+    model = loading.load_causal_lm(micro_sft, tok).eval()
     enc = data.Encoder(tok, 128)
     pairs = data.load_pairs(f"{micro['data']}/pairs_train.jsonl")[:3]
     examples = [(enc(p, w), enc(p, l)) for p, w, l, _ in pairs]
     ids, mask, labels = data.response_batch([w for w, _ in examples] + [l for _, l in examples], tok.pad_token_id)
     with torch.no_grad():
-        got = runtime.sequence_logps(model, ids, mask, labels)
+        got = modeling.sequence_logps(model, ids, mask, labels)
         rows = [w for w, _ in examples] + [l for _, l in examples]
         for i, (p, r) in enumerate(rows):
             logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
@@ -57,6 +58,6 @@ def test_a_short_run_learns_and_saves_a_policy(micro, micro_sft, tmp_path):
     train = [r["train/margin"] for r in rows if "train/margin" in r]
     assert sum(train[-3:]) / 3 > 0  # the chosen responses pull ahead of the rejected ones
     assert os.path.exists(os.path.join(out, "DONE"))
-    tok = runtime.load_tokenizer(out)
-    runtime.load_causal_lm(out, tok)
+    tok = loading.load_tokenizer(out)
+    loading.load_causal_lm(out, tok)
 

@@ -152,9 +152,9 @@ def test_reward_models_are_measured_at_their_own_lengths(micro, micro_rm, tmp_pa
     import shutil
 
     import data
-    import runtime
+    import distributed
     pairs = data.load_pairs(f"{micro['data']}/pairs_test.jsonl")
-    d = runtime.Dist()
+    d = distributed.Dist()
     [as_trained] = ev.rm_on_samples(micro_rm, [""], pairs, d)
     rm = tmp_path / "rm"
     shutil.copytree(micro_rm, rm)

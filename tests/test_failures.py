@@ -14,13 +14,16 @@ import pytest
 import torch
 
 import bilevel_rm
+import cli
 import data
+import distributed
 import dpo
 import evaluate
+import loading
 import metarm
 import ppo
 import reward_model as rm
-import runtime
+import run_folder
 import sample
 import sft
 from conftest import ROOT, assert_cli_error, metrics, run_script
@@ -76,21 +79,21 @@ def test_injected_non_finite_loss_stops_the_stage(micro, micro_sft, micro_rm, tm
     """Steps 1-2 are fine (a checkpoint at step 2), step 3's loss is NaN: one line naming step 3,
     the checkpoint of step 2 kept, no DONE, no weights."""
     monkeypatch.setattr(stage, loss, poisoned(getattr(stage, loss), 2 * calls_per_step))
-    with pytest.raises(runtime.UserError, match=r"step 3: non-finite .*checkpoint .* is kept"):
+    with pytest.raises(cli.UserError, match=r"step 3: non-finite .*checkpoint .* is kept"):
         stage.main(stage_argv(micro, micro_sft, micro_rm, tmp_path, stage))
     out = tmp_path / "out"
-    assert not runtime.is_done(out) and not (out / "model.safetensors").exists()
+    assert not run_folder.is_done(out) and not (out / "model.safetensors").exists()
     with open(out / "checkpoint" / "state.json") as f:
         assert json.load(f)["step"] == 2
 
 
 def test_injected_nan_names_step_and_quantity(micro, tmp_path):
-    d = runtime.Dist()
-    run = runtime.Run.open(str(tmp_path / "r"), sft.Args(output_dir=str(tmp_path / "r")), d, "sft")
+    d = distributed.Dist()
+    run = run_folder.Run.open(str(tmp_path / "r"), sft.Args(output_dir=str(tmp_path / "r")), d, "sft")
     run.stop_unless_finite(3, **{"train/loss": 0.5})  # finite: nothing happens
-    with pytest.raises(runtime.UserError, match=r"step 4: non-finite train/loss = nan.*no checkpoint"):
+    with pytest.raises(cli.UserError, match=r"step 4: non-finite train/loss = nan.*no checkpoint"):
         run.stop_unless_finite(3, **{"train/loss": float("nan"), "train/grad_norm": 1.0})
-    with pytest.raises(runtime.UserError, match="train/grad_norm = inf"):
+    with pytest.raises(cli.UserError, match="train/grad_norm = inf"):
         run.stop_unless_finite(3, **{"train/loss": 1.0, "train/grad_norm": float("inf")})
 
 
@@ -102,9 +105,9 @@ def test_non_finite_weights_are_refused(micro_sft, tmp_path):
     name = sorted(w)[0]
     w[name] = torch.full_like(w[name], float("nan"))
     save_file(w, str(bad / "model.safetensors"))
-    tok = runtime.load_tokenizer(str(bad))
-    with pytest.raises(runtime.UserError, match="non-finite weights"):
-        runtime.load_causal_lm(str(bad), tok)
+    tok = loading.load_tokenizer(str(bad))
+    with pytest.raises(cli.UserError, match="non-finite weights"):
+        loading.load_causal_lm(str(bad), tok)
 
 
 # --- 2. one process per run folder, one iterate.sh per RUN_DIR ---------------------------------
@@ -112,18 +115,18 @@ def test_non_finite_weights_are_refused(micro_sft, tmp_path):
 def test_a_second_process_is_refused_and_a_stale_lock_taken(micro, tmp_path):
     out = tmp_path / "sft"
     os.makedirs(out)
-    holder = subprocess.Popen([sys.executable, "-c", f"import runtime, time; runtime.lock({str(out)!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import run_folder, time; run_folder.lock({str(out)!r}); "
                                "print('locked', flush=True); time.sleep(120)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runtime.UserError, match=rf"in use by pid {holder.pid}"):
+        with pytest.raises(cli.UserError, match=rf"in use by pid {holder.pid}"):
             sft.main(sft_argv(micro, out))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     sft.main(sft_argv(micro, out))  # the killed holder's lock is simply taken
-    assert runtime.is_done(out)
+    assert run_folder.is_done(out)
 
 
 # --- 3. DONE stands for its settings ----------------------------------------------------------
@@ -131,7 +134,7 @@ def test_done_with_other_settings_is_refused(micro, tmp_path, capsys):
     out = tmp_path / "sft"
     sft.main(sft_argv(micro, out))
     stamp = os.path.getmtime(out / "DONE")
-    with pytest.raises(runtime.UserError, match=r"done with other settings \(--max_steps 2 -> 3"):
+    with pytest.raises(cli.UserError, match=r"done with other settings \(--max_steps 2 -> 3"):
         sft.main(sft_argv(micro, out, "--max_steps", "3"))
     # flags that change nothing computed, and other spellings of the same paths, still skip
     capsys.readouterr()
@@ -149,11 +152,11 @@ def test_a_folder_done_by_another_stage_is_refused(micro, micro_sft, micro_rm, t
     samples = tmp_path / "samples"
     sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl", "--output_dir",
                  str(samples), "--max_prompts", "4", "--k", "2", "--max_new_tokens", "4"])
-    with pytest.raises(runtime.UserError, match=r"holds the output of reward_model, not of metarm: use another --output_dir"):
+    with pytest.raises(cli.UserError, match=r"holds the output of reward_model, not of metarm: use another --output_dir"):
         metarm.main(["--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", "",
                      "--meta_data", str(samples / "meta.jsonl"), "--output_dir", str(rm_copy), "--max_steps", "1"])
     assert (rm_copy / "DONE").read_text() == before
-    with pytest.raises(runtime.UserError, match=r"holds the output of sft, not of sample"):
+    with pytest.raises(cli.UserError, match=r"holds the output of sft, not of sample"):
         sample.main(["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl",
                      "--output_dir", str(sft_copy), "--max_prompts", "4"])
 
@@ -163,7 +166,7 @@ def test_a_done_marker_this_project_did_not_write_is_refused(micro, tmp_path, ma
     out = tmp_path / "sft"
     out.mkdir()
     (out / "DONE").write_text(marker)
-    with pytest.raises(runtime.UserError, match=r"DONE is not a marker this project's stages write"):
+    with pytest.raises(cli.UserError, match=r"DONE is not a marker this project's stages write"):
         sft.main(sft_argv(micro, out))
 
 
@@ -179,16 +182,16 @@ def test_fresh_start_does_not_keep_old_metrics(micro, tmp_path):
 def test_checkpoint_goes_only_after_done(micro, tmp_path, monkeypatch):
     """A kill between DONE and removing the checkpoint must leave DONE, not a folder to redo."""
     out = str(tmp_path / "r")
-    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
+    run = run_folder.Run.open(out, sft.Args(output_dir=out), distributed.Dist(), "sft")
     os.makedirs(os.path.join(out, "checkpoint"))
     open(os.path.join(out, "checkpoint", "state.json"), "w").write('{"step": 1}')
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(runtime.shutil, "rmtree", killed)
+    monkeypatch.setattr(shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         run.finish({"stage": "test"})
-    assert runtime.is_done(out)
+    assert run_folder.is_done(out)
 
 
 # --- 4. the right kind of model in each place ----------------------------------------------------
@@ -198,27 +201,27 @@ def ppo_argv(micro, policy, rm_dir, out, *extra):
 
 
 def test_wrong_model_kinds_are_refused(micro, micro_sft, micro_rm, tmp_path):
-    with pytest.raises(runtime.UserError, match=r"sft is not a reward model"):
+    with pytest.raises(cli.UserError, match=r"sft is not a reward model"):
         ppo.main(ppo_argv(micro, micro_sft, micro_sft, tmp_path / "a"))
-    with pytest.raises(runtime.UserError, match=r"rm is a reward model .* not a causal LM"):
+    with pytest.raises(cli.UserError, match=r"rm is a reward model .* not a causal LM"):
         ppo.main(ppo_argv(micro, micro_rm, micro_rm, tmp_path / "b"))
-    with pytest.raises(runtime.UserError, match=r"rm is a reward model, not the SFT model"):
+    with pytest.raises(cli.UserError, match=r"rm is a reward model, not the SFT model"):
         rm.main(["--sft_dir", micro_rm, "--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", "",
                  "--output_dir", str(tmp_path / "c")])
     no_stats = tmp_path / "rm_no_stats"
     shutil.copytree(micro_rm, no_stats)
     os.remove(no_stats / "reward_stats.json")
-    with pytest.raises(runtime.UserError, match="no reward_stats.json"):
+    with pytest.raises(cli.UserError, match="no reward_stats.json"):
         ppo.main(ppo_argv(micro, micro_sft, str(no_stats), tmp_path / "d"))
 
 
 def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
     other = tmp_path / "rm_other_tok"
     shutil.copytree(micro_rm, other)
-    tok = runtime.load_tokenizer(str(other))
+    tok = loading.load_tokenizer(str(other))
     tok.add_tokens(["zzzz"])
     tok.save_pretrained(str(other))
-    with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
+    with pytest.raises(cli.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
         ppo.main(ppo_argv(micro, micro_sft, str(other), tmp_path / "p"))
     # --init_rm went around the check: every loader goes through it now, and nothing is written
     samples = tmp_path / "samples"
@@ -229,14 +232,14 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
             ("metarm", metarm.main, ["--meta_data", str(samples / "meta.jsonl"), "--max_steps", "1"]),
             ("bilevel", bilevel_rm.main, ["--support", str(samples / "meta.jsonl"), "--steps", "1"])]:
         out = tmp_path / name
-        with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
+        with pytest.raises(cli.UserError, match=r"tokenizers of .*sft and .*rm_other_tok differ"):
             main(["--sft_dir", micro_sft, "--init_rm", str(other), "--data", pairs, "--eval_data", "",
                   "--output_dir", str(out), *argv])
-        assert not runtime.is_done(out) and not os.path.exists(out / "model.safetensors"), name
+        assert not run_folder.is_done(out) and not os.path.exists(out / "model.safetensors"), name
     other_lm = tmp_path / "sft_other_tok"
     shutil.copytree(micro_sft, other_lm)
     tok.save_pretrained(str(other_lm))
-    with pytest.raises(runtime.UserError, match=r"tokenizers of .*sft and .*sft_other_tok differ"):
+    with pytest.raises(cli.UserError, match=r"tokenizers of .*sft and .*sft_other_tok differ"):
         ppo.main(ppo_argv(micro, micro_sft, micro_rm, tmp_path / "q") + ["--ref_dir", str(other_lm)])
 
 
@@ -256,8 +259,8 @@ def test_tokenizers_must_agree(micro, micro_sft, micro_rm, tmp_path):
     (evaluate, "rounds", "0"), (evaluate, "n_prompts", "0"), (evaluate, "temperature", "0"), (evaluate, "top_p", "2"),
 ])
 def test_bad_flag_is_one_line_at_parse_time(stage, flag, value):
-    with pytest.raises(runtime.UserError, match=rf"^--{flag} {float(value):g}: must be"):
-        runtime.parse_args(stage.Args, "", [f"--{flag}={value}"])
+    with pytest.raises(cli.UserError, match=rf"^--{flag} {float(value):g}: must be"):
+        cli.parse_args(stage.Args, "", [f"--{flag}={value}"])
 
 
 STAGES = [sft, rm, metarm, ppo, sample, dpo, bilevel_rm, evaluate]
@@ -271,7 +274,7 @@ def test_every_numeric_flag_has_a_check_and_help_prints(stage, capsys):
     unchecked = [f.name for f in dataclasses.fields(stage.Args) if f.type in (int, float) and not f.metadata["check"]]
     assert unchecked == [], unchecked
     with pytest.raises(SystemExit) as e:
-        runtime.parse_args(stage.Args, stage.__doc__, ["--help"])
+        cli.parse_args(stage.Args, stage.__doc__, ["--help"])
     assert e.value.code == 0 and "--seed SEED" in capsys.readouterr().out
 
 
@@ -289,7 +292,7 @@ def test_a_shortened_flag_is_not_taken_for_a_longer_one(capsys):
     """argparse would read --kl as --kl_coef and --out as --output_dir; here both are errors."""
     for argv in (["--kl_c=0.1"], ["--out=x"]):
         with pytest.raises(SystemExit):
-            runtime.parse_args(ppo.Args, "", argv)
+            cli.parse_args(ppo.Args, "", argv)
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
@@ -390,7 +393,7 @@ def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not runtime.is_done(out)
+    assert not run_folder.is_done(out)
     run_script(*argv(out), env={"OMP_NUM_THREADS": "1"})
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     a, b = weights(tmp_path / "whole"), weights(out)
@@ -403,34 +406,34 @@ def test_killed_ppo_resumes_bit_identically(micro, micro_sft, micro_rm, tmp_path
 
 # --- 8. damaged files: one line naming the file and what to delete ----------------------------
 def test_damaged_model_folders(micro_sft, tmp_path):
-    tok = runtime.load_tokenizer(micro_sft)
+    tok = loading.load_tokenizer(micro_sft)
     broken = tmp_path / "broken"
     shutil.copytree(micro_sft, broken)
     with open(broken / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(runtime.UserError, match=r"cannot load .*broken .*the folder is damaged; delete it"):
-        runtime.load_causal_lm(str(broken), tok)
+    with pytest.raises(cli.UserError, match=r"cannot load .*broken .*the folder is damaged; delete it"):
+        loading.load_causal_lm(str(broken), tok)
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(runtime.UserError, match=r"broken/config.json is damaged"):
-        runtime.load_causal_lm(str(broken), tok)
+    with pytest.raises(cli.UserError, match=r"broken/config.json is damaged"):
+        loading.load_causal_lm(str(broken), tok)
     empty = tmp_path / "no_weights"
     shutil.copytree(micro_sft, empty)
     os.remove(empty / "model.safetensors")
-    with pytest.raises(runtime.UserError, match=r"no_weights has a config.json but no weights"):
-        runtime.load_causal_lm(str(empty), tok)
+    with pytest.raises(cli.UserError, match=r"no_weights has a config.json but no weights"):
+        loading.load_causal_lm(str(empty), tok)
 
 
 def test_damaged_checkpoint(micro, tmp_path):
     out = str(tmp_path / "sft")
-    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
-    model = runtime.load_causal_lm(micro["base"], runtime.load_tokenizer(micro["base"]))
+    run = run_folder.Run.open(out, sft.Args(output_dir=out), distributed.Dist(), "sft")
+    model = loading.load_causal_lm(micro["base"], loading.load_tokenizer(micro["base"]))
     opt = torch.optim.AdamW(model.parameters())
     run.save_checkpoint(1, {"model": (model, opt)})
     for name in os.listdir(os.path.join(out, "checkpoint")):
         if name.endswith(".distcp"):
             with open(os.path.join(out, "checkpoint", name), "r+b") as f:
                 f.truncate(10)
-    with pytest.raises(runtime.UserError, match=r"the checkpoint .*checkpoint cannot be read .*delete it"):
+    with pytest.raises(cli.UserError, match=r"the checkpoint .*checkpoint cannot be read .*delete it"):
         run.load_checkpoint({"model": (model, opt)})
 
 
@@ -445,7 +448,7 @@ class _Payload:
 
 def small_checkpoint(tmp_path):
     out = str(tmp_path / "sft")
-    run = runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft")
+    run = run_folder.Run.open(out, sft.Args(output_dir=out), distributed.Dist(), "sft")
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(1, 3)).sum().backward()
@@ -460,7 +463,7 @@ def test_a_crafted_checkpoint_metadata_runs_no_code(tmp_path, capfd):
     marker = tmp_path / "ran"
     with open(os.path.join(ckpt, ".metadata"), "wb") as f:
         pickle.dump(_Payload(str(marker)), f)
-    with pytest.raises(runtime.UserError, match=r"cannot be read \(.*(builtins|io)\.open is not part of a checkpoint's metadata"):
+    with pytest.raises(cli.UserError, match=r"cannot be read \(.*(builtins|io)\.open is not part of a checkpoint's metadata"):
         run.load_checkpoint({"model": (model, opt)})
     assert not marker.exists()
     assert "Traceback" not in capfd.readouterr().err
@@ -484,7 +487,7 @@ def test_a_crafted_checkpoint_entry_is_not_unpickled(tmp_path):
     import io
     import pickle
     marker = tmp_path / "ran"
-    _, planner = runtime._checkpoint_reader(str(tmp_path))
+    _, planner = run_folder._checkpoint_reader(str(tmp_path))
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(None, io.BytesIO(pickle.dumps(_Payload(str(marker)))))
     assert not marker.exists()
@@ -493,7 +496,7 @@ def test_a_crafted_checkpoint_entry_is_not_unpickled(tmp_path):
 def test_a_checkpoint_without_metadata_is_one_line(tmp_path, capfd):
     run, model, opt, ckpt = small_checkpoint(tmp_path)
     os.remove(os.path.join(ckpt, ".metadata"))
-    with pytest.raises(runtime.UserError, match=r"has no .metadata \(an unfinished save\?\): delete it"):
+    with pytest.raises(cli.UserError, match=r"has no .metadata \(an unfinished save\?\): delete it"):
         run.load_checkpoint({"model": (model, opt)})
     assert "Traceback" not in capfd.readouterr().err
 
@@ -507,21 +510,21 @@ def test_a_checkpoint_is_resumed_under_the_settings_it_was_saved_with(tmp_path):
         edited = {**json.load(f), "lr": 0.5}
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(edited, f)
-    with pytest.raises(runtime.UserError, match=r"holds a checkpoint of a run with other arguments \(--lr 0.005 -> 0.5"):
-        runtime.Run.open(out, sft.Args(output_dir=out, lr=0.5), runtime.Dist(), "sft")
-    assert runtime.Run.open(out, sft.Args(output_dir=out), runtime.Dist(), "sft").has_checkpoint()
-    with pytest.raises(runtime.UserError, match=r"holds a checkpoint of sft, not of dpo"):
-        runtime.Run.open(out, dpo.Args(output_dir=out), runtime.Dist(), "dpo")
+    with pytest.raises(cli.UserError, match=r"holds a checkpoint of a run with other arguments \(--lr 0.005 -> 0.5"):
+        run_folder.Run.open(out, sft.Args(output_dir=out, lr=0.5), distributed.Dist(), "sft")
+    assert run_folder.Run.open(out, sft.Args(output_dir=out), distributed.Dist(), "sft").has_checkpoint()
+    with pytest.raises(cli.UserError, match=r"holds a checkpoint of sft, not of dpo"):
+        run_folder.Run.open(out, dpo.Args(output_dir=out), distributed.Dist(), "dpo")
 
 
 def test_snapshot_done_is_written_last(micro_sft, tmp_path, monkeypatch):
-    tok = runtime.load_tokenizer(micro_sft)
-    model = runtime.load_causal_lm(micro_sft, tok)
+    tok = loading.load_tokenizer(micro_sft)
+    model = loading.load_causal_lm(micro_sft, tok)
     moved = []
     real = os.replace
-    monkeypatch.setattr(runtime.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real(a, b)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real(a, b)))
     os.makedirs(tmp_path / "snap")
-    runtime.save_model(model, tok, str(tmp_path / "snap"), runtime.Dist(), extra={"DONE": {"step": 1}})
+    loading.save_model(model, tok, str(tmp_path / "snap"), distributed.Dist(), extra={"DONE": {"step": 1}})
     assert moved[-1] == "DONE" and "model.safetensors" in moved
 
 
@@ -531,17 +534,17 @@ def test_unwritable_folder_is_one_line(micro, capsys):
 
 
 def test_evaluate_on_a_missing_unfinished_or_damaged_seed_is_one_line(micro, micro_sft, tmp_path):
-    with pytest.raises(runtime.UserError, match=r"--run_dir .*nowhere/seed1 does not exist"):
+    with pytest.raises(cli.UserError, match=r"--run_dir .*nowhere/seed1 does not exist"):
         evaluate.main(["--run_dir", str(tmp_path / "nowhere" / "seed1"), "--prompts", f"{micro['data']}/prompts_test.jsonl"])
     seed = tmp_path / "run" / "seed1"
     shutil.copytree(micro_sft, seed / "sft")
     (seed / "ppo_vanilla").mkdir()
     (seed / "ppo_vanilla" / "args.json").write_text('{"steps": 4}')  # started, never finished
-    with pytest.raises(runtime.UserError, match=r"ppo_vanilla is not done \(no DONE marker\)"):
+    with pytest.raises(cli.UserError, match=r"ppo_vanilla is not done \(no DONE marker\)"):
         evaluate.main(["--run_dir", str(seed), "--prompts", f"{micro['data']}/prompts_test.jsonl", "--rounds", "1"])
     (seed / "eval").mkdir()
     (seed / "eval" / "results.json").write_text('{"config": ')
-    with pytest.raises(runtime.UserError, match=r"results.json is damaged"):
+    with pytest.raises(cli.UserError, match=r"results.json is damaged"):
         evaluate.main(["--aggregate", str(tmp_path / "run"), "--seeds", "1"])
 
 
@@ -561,12 +564,12 @@ def test_a_full_disk_is_one_line_naming_the_folder(micro, micro_sft, tmp_path, m
                      "--output_dir", str(out), "--max_prompts", "2", "--k", "2", "--max_new_tokens", "4",
                      message=f"cannot write in {out}: No space left on device; free the space", capsys=capsys)
     monkeypatch.setattr(os, "replace", real)
-    assert not runtime.is_done(out)
+    assert not run_folder.is_done(out)
 
     def library_error(*a, **k):
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
                            '"No space left on device" })')
-    monkeypatch.setattr(runtime, "save_model", library_error)
+    monkeypatch.setattr(loading, "save_model", library_error)
     assert_cli_error("reward_model.py", "--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl",
                      "--eval_data", "", "--output_dir", str(tmp_path / "rm"), "--max_steps", "1",
                      message=f"cannot write in {tmp_path / 'rm'}: No space left on device", capsys=capsys)
@@ -574,7 +577,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(micro, micro_sft, tmp_path, m
 
 def test_a_batch_larger_than_its_rows_is_refused(micro, micro_sft, micro_rm, tmp_path):
     """A batch of more rows than there are would hold rows twice in one step, silently."""
-    with pytest.raises(runtime.UserError, match=r"--global_batch 100000: more than the \d+ rows it is drawn from"):
+    with pytest.raises(cli.UserError, match=r"--global_batch 100000: more than the \d+ rows it is drawn from"):
         sft.main(sft_argv(micro, tmp_path / "sft", "--global_batch", "100000"))
-    with pytest.raises(runtime.UserError, match=r"--queries 100000: more than the \d+ rows"):
+    with pytest.raises(cli.UserError, match=r"--queries 100000: more than the \d+ rows"):
         ppo.main(ppo_argv(micro, micro_sft, micro_rm, tmp_path / "ppo", "--queries", "100000"))

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+import cli
 import evaluate
-import runtime
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # bash iterate.sh
@@ -169,7 +169,7 @@ def test_a_report_on_some_arms_has_only_theirs(first, micro, tmp_path):
     with open(tmp_path / "sub" / "results.json") as f:
         sub = json.load(f)
     assert set(sub["gold"]) == {"sft", "vanilla_ppo/step2", "metarm/round1"} and set(sub["rounds"]) == {"metarm"}
-    with pytest.raises(runtime.UserError, match="re-run iterate.sh"):
+    with pytest.raises(cli.UserError, match="re-run iterate.sh"):
         evaluate.main(["--aggregate", first["run_dir"], "--seeds", "1", "--rounds", "1", "--arms", "metarm+eta=1",
                        "--out_dir", str(tmp_path / "sub"), *eval_flags(micro)])
 
@@ -183,11 +183,11 @@ def test_a_seed_evaluated_otherwise_is_not_pooled(first, micro, tmp_path):
     res["config"]["eval_settings"]["n_prompts"] = 10
     (tmp_path / "seed1" / "eval" / "results.json").write_text(json.dumps(res))
     argv = ["--aggregate", str(tmp_path), "--seeds", "1", "--rounds", "1", "--arms", "metarm", *eval_flags(micro)]
-    with pytest.raises(runtime.UserError, match=r"evaluated with other settings \(--n_prompts 10 -> 20"):
+    with pytest.raises(cli.UserError, match=r"evaluated with other settings \(--n_prompts 10 -> 20"):
         evaluate.main(argv)
     del res["config"]["eval_settings"]
     (tmp_path / "seed1" / "eval" / "results.json").write_text(json.dumps(res))
-    with pytest.raises(runtime.UserError, match=r"records no evaluation settings"):
+    with pytest.raises(cli.UserError, match=r"records no evaluation settings"):
         evaluate.main(argv)
 
 

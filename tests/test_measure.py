@@ -31,13 +31,14 @@ def test_difference_statistics_against_loops():
 def test_scores_in_the_given_order_whatever_the_batching():
     """score_sequences batches by length; each reward is the one of the sequence scored alone."""
     from conftest import tiny_reward_model
-    import runtime
+    import distributed
+    import modeling
     model = tiny_reward_model("llama").eval()
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(2, 20, (23,), generator=g)]
-    got = measure.score_sequences(model, seqs, 0, runtime.Dist(), batch=5)
+    got = measure.score_sequences(model, seqs, 0, distributed.Dist(), batch=5)
     with torch.no_grad():
-        alone = [float(runtime.rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))) for s in seqs]
+        alone = [float(modeling.rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))) for s in seqs]
     assert got.tolist() == pytest.approx(alone, rel=1e-9, abs=1e-12)
 
 

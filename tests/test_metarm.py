@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import gradcheck
+from tools import gradcheck
 import metarm
 import reward_model as rm
 from conftest import batch, tiny_reward_model
@@ -220,15 +220,15 @@ def test_deploy_adapted_saves_theta_plus_eta_grad_J(micro, micro_sft, micro_meta
     import json
     from safetensors.torch import load_file
     import data
-    import runtime
+    import loading
     eta = 0.05
     common = ["--sft_dir", micro_sft, "--data", f"{micro['data']}/pairs_train.jsonl", "--eval_data", "",
               "--meta_data", micro_meta, "--max_steps", "4", "--global_batch", "16", "--meta_batch", "4",
               "--lr", "3e-3", "--eta", str(eta), "--seed", "5"]
     metarm.main([*common, "--output_dir", str(tmp_path / "theta"), "--deploy", "theta"])
     metarm.main([*common, "--output_dir", str(tmp_path / "adapted"), "--deploy", "adapted"])
-    tok = runtime.load_tokenizer(str(tmp_path / "theta"))
-    model = runtime.load_reward_model(str(tmp_path / "theta"), tok, trained=True)
+    tok = loading.load_tokenizer(str(tmp_path / "theta"))
+    model = loading.load_reward_model(str(tmp_path / "theta"), tok, trained=True)
     samples = data.encode_meta(tok, data.load_meta(micro_meta), 128, micro_meta)
     X_s, k = data.meta_batch(samples, tok.pad_token_id, "cpu")
     names = [n for n, _ in model.named_parameters()]
@@ -289,9 +289,9 @@ def test_eta_zero_is_the_vanilla_reward_model_bit_for_bit(micro, micro_sft, micr
 
 
 def test_gradcheck_runs_without_any_folder(tmp_path, capsys):
-    """`python gradcheck.py` on a fresh clone: a tiny random float64 model, the same table."""
+    """`python tools/gradcheck.py` on a fresh clone: a tiny random float64 model, the same table."""
     import re
-    import gradcheck
+    from tools import gradcheck
     gradcheck.main(["--sft_dir", str(tmp_path / "none"), "--meta_data", str(tmp_path / "none.jsonl")])
     out = capsys.readouterr().out
     s_exact, s_first = map(float, re.search(r"slope\s+(\S+)\s+(\S+)", out).groups())

@@ -1,4 +1,4 @@
-"""metastep.py: the size of the meta-step against a hand computation on a reward model linear in
+"""tools/metastep.py: the size of the meta-step against a hand computation on a reward model linear in
 its parameters (a bag of tokens: r(x) = e . counts(x)), where grad L, grad J and hess J have closed
 forms; and the command on the micro reward model."""
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-import metastep
+from tools import metastep
 
 
 class BagOfTokens(torch.nn.Module):
@@ -102,8 +102,8 @@ def test_the_command_on_the_micro_reward_model(micro, micro_rm, tmp_path, capsys
 
 
 def test_a_folder_without_args_json_is_one_line(tmp_path):
-    import runtime
-    with pytest.raises(runtime.UserError, match="args.json does not exist"):
+    import cli
+    with pytest.raises(cli.UserError, match="args.json does not exist"):
         metastep.main(["--rm_dir", str(tmp_path)])
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import data
+import loading
 import ppo
-import runtime
+import run_folder
 from conftest import metrics
 
 
@@ -71,8 +72,8 @@ def test_clipped_losses_by_hand():
 
 
 def test_logprobs_match_those_seen_while_sampling(micro_sft):
-    tok = runtime.load_tokenizer(micro_sft)
-    model = runtime.load_causal_lm(micro_sft, tok).eval()
+    tok = loading.load_tokenizer(micro_sft)
+    model = loading.load_causal_lm(micro_sft, tok).eval()
     enc = data.Encoder(tok, 64)
     prompts = ["\n\nHuman: how do i fix my laptop ?\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:",
                "\n\nHuman: any tips to grow my roses please ?\n\nAssistant:"]
@@ -103,5 +104,5 @@ def test_short_run_raises_the_rm_score(micro, micro_sft, micro_rm, tmp_path):
     for key in ("objective/kl", "objective/gold", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/loss",
                 "val/explained_variance", "ppo/policy/entropy", "rollout/length", "rollout/ended", "shift/dr_var"):
         assert key in rows[-1], key
-    assert runtime.is_done(out) and runtime.is_done(os.path.join(out, "step8"))
+    assert run_folder.is_done(out) and run_folder.is_done(os.path.join(out, "step8"))
 

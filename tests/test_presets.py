@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 import data
-import runtime
+import loading
 import task
 from conftest import ROOT
 
@@ -140,7 +140,7 @@ def lengths_in_tokens(tok, rows, key):
 def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     rng = random.Random(0)
     train, test = hh_rows(rng, 32), hh_rows(rng, 4)  # 32: the preset's SFT batch (a batch never repeats a row)
-    tok = runtime.load_tokenizer(small_model)
+    tok = loading.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, train, "chosen")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 600 and max(lengths) > 512, lengths  # real lengths, some cut
     d = tmp_path / "hh"
@@ -175,7 +175,7 @@ def test_tldr_preset_data_through_its_stages(micro, small_model, tmp_path, capsy
     import sft
     rng = random.Random(1)
     rows, comparisons, prompts = tldr_sft_rows(rng, 32), tldr_comparisons(rng, 16), tldr_sft_rows(rng, 8)
-    tok = runtime.load_tokenizer(small_model)
+    tok = loading.load_tokenizer(small_model)
     lengths = lengths_in_tokens(tok, rows, "prompt")
     assert 300 <= sorted(lengths)[len(lengths) // 2] <= 700 and max(lengths) > 512, lengths
     d = tmp_path / "tldr"

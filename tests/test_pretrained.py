@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import distributed
+import loading
 import metarm
-import runtime
+import modeling
 import task
 from conftest import ROOT
 
@@ -59,19 +61,19 @@ def test_base_folder_is_a_plain_llama_with_its_source_recorded(smollm2):
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["tie_word_embeddings"]) == (30, 576, 9, 3, True)
-    tok = runtime.load_tokenizer(smollm2)
+    tok = loading.load_tokenizer(smollm2)
     assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
     assert config["vocab_size"] == len(tok) == 49153 and config["pad_token_id"] == tok.pad_token_id
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    assert source["parameters"] == runtime.n_parameters(smollm2) == 134_515_584
+    assert source["parameters"] == distributed.n_parameters(smollm2) == 134_515_584
 
 
 @pytest.mark.slow
 def test_base_model_answers_in_english(smollm2):
     """The dequantized weights are a working language model: greedy decoding of a chat prompt
     gives words, not noise (most tokens are common English words)."""
-    tok = runtime.load_tokenizer(smollm2)
-    model = runtime.load_causal_lm(smollm2, tok).eval()
+    tok = loading.load_tokenizer(smollm2)
+    model = loading.load_causal_lm(smollm2, tok).eval()
     text = tok.apply_chat_template([{"role": "user", "content": "How do I water my roses?"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt")
@@ -102,7 +104,7 @@ def slice_reward_model(base, layers=2):
     torch.manual_seed(0)
     hf = LlamaForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float64)
     hf.score.weight.data.normal_(0, 0.05)  # rewards of order one: J and L have real curvature
-    return runtime.ScalarModel(runtime.no_dropout(hf)).double()
+    return modeling.ScalarModel(loading.no_dropout(hf)).double()
 
 
 def slice_batches(tok, k=3):
@@ -132,7 +134,7 @@ def test_three_forms_match_torch_func_on_smollm2_architecture(smollm2, monkeypat
     from torch.func import grad
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_kept_in_float64)
-    tok = runtime.load_tokenizer(smollm2)
+    tok = loading.load_tokenizer(smollm2)
     model = slice_reward_model(smollm2)
     cfg = model.hf.config
     assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg.vocab_size > 49000  # GQA, real vocabulary
@@ -191,7 +193,7 @@ def test_smollm2_preset_runs_every_stage(smollm2, micro, tmp_path):
     run = tmp_path / "run" / "seed1"
     with open(run / "eval" / "results.json") as f:
         res = json.load(f)
-    bf16 = runtime.fast_bf16_cpu()
+    bf16 = distributed.fast_bf16_cpu()
     assert res["config"]["precision"].startswith("bf16" if bf16 else "fp32")
     for folder in ("sft", "rm", "sft_samples", "metarm/round1/rm", "metarm/round1/ppo", "dpo", "bilevel_rm"):
         with open(run / folder / "DONE") as f:
@@ -211,13 +213,13 @@ def test_precision_auto_on_cpu(monkeypatch, fast, n, want):
     """bf16 autocast on CPU only where it pays: fast bf16 in the CPU and a model of 50 M
     parameters or more (the tiny default stays float32); the reason is recorded."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(runtime, "fast_bf16_cpu", lambda: fast)
-    monkeypatch.setattr(runtime, "n_parameters", lambda name: n)
-    d = runtime.init_distributed(precision="auto", model="some/folder")
+    monkeypatch.setattr(distributed, "fast_bf16_cpu", lambda: fast)
+    monkeypatch.setattr(distributed, "n_parameters", lambda name: n)
+    d = distributed.init_distributed(precision="auto", model="some/folder")
     assert d.bf16 == (want == "bf16") and d.precision_why.startswith(want)
-    assert runtime.init_distributed(precision="fp32", model="x").bf16 is False
-    assert runtime.init_distributed(precision="bf16", model="x").bf16 is True
-    with runtime.autocast(d):
+    assert distributed.init_distributed(precision="fp32", model="x").bf16 is False
+    assert distributed.init_distributed(precision="bf16", model="x").bf16 is True
+    with distributed.autocast(d):
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
 
@@ -225,5 +227,5 @@ def test_precision_auto_on_cpu(monkeypatch, fast, n, want):
 def test_n_parameters_counts_from_the_config_alone(micro):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(micro["base"])
-    assert runtime.n_parameters(micro["base"]) == sum(p.numel() for p in model.parameters())
-    assert runtime.n_parameters(os.path.join(micro["root"], "no-such-folder")) is None
+    assert distributed.n_parameters(micro["base"]) == sum(p.numel() for p in model.parameters())
+    assert distributed.n_parameters(os.path.join(micro["root"], "no-such-folder")) is None

@@ -9,10 +9,11 @@ import re
 import pytest
 import torch
 
+import cli
 import data
 import metarm
+import modeling
 import reward_model as rm
-import runtime
 from conftest import assert_cli_error, metrics
 from conftest import VOCAB, batch, clear_pairs, tiny_reward_model
 
@@ -53,14 +54,14 @@ def test_reward_ignores_padding(kind):
     model = tiny_reward_model(kind).float().eval()
     seq = torch.tensor([[5, 9, 13, 2, 7, 11]])
     one = torch.ones_like(seq)
-    base = runtime.rewards(model, seq, one)
+    base = modeling.rewards(model, seq, one)
     for left, right in [(0, 3), (4, 0), (2, 5)]:
         ids = torch.cat([torch.zeros(1, left, dtype=torch.long), seq, torch.zeros(1, right, dtype=torch.long)], 1)
         mask = torch.cat([torch.zeros(1, left, dtype=torch.long), one, torch.zeros(1, right, dtype=torch.long)], 1)
-        assert runtime.rewards(model, ids, mask).item() == pytest.approx(base.item(), abs=1e-5), (left, right)
+        assert modeling.rewards(model, ids, mask).item() == pytest.approx(base.item(), abs=1e-5), (left, right)
     # and in a batch with rows of other lengths, padded on either side
     ids, mask = data.pad([[3, 4], seq[0].tolist(), [8] * 9], 0, side="left")
-    assert runtime.rewards(model, ids, mask)[1].item() == pytest.approx(base.item(), abs=1e-5)
+    assert modeling.rewards(model, ids, mask)[1].item() == pytest.approx(base.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -69,7 +70,7 @@ def test_scores_in_length_groups_equal_each_row_alone(side, monkeypatch):
     real token: every row's scores at its real tokens, and the gradient of a loss on them, equal
     those of the row run alone with no padding (a slow obvious loop), in float64."""
     model = tiny_reward_model("llama")
-    monkeypatch.setattr(runtime.ScalarModel, "rows", 3)  # 8 rows: groups of 3, 3 and 2
+    monkeypatch.setattr(modeling.ScalarModel, "rows", 3)  # 8 rows: groups of 3, 3 and 2
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in [7, 2, 9, 4, 4, 11, 1, 6]]
     ids, mask = data.pad(seqs, 0, side=side)
@@ -83,6 +84,30 @@ def test_scores_in_length_groups_equal_each_row_alone(side, monkeypatch):
         torch.testing.assert_close(r, a, rtol=1e-10, atol=1e-12)
     for gb, ga in zip(grads, grads_alone):
         torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_groups_equal_the_plain_scores(side, monkeypatch):
+    """The speed detail changes nothing: ScalarModel in groups of rows equals modeling.scores, the
+    plain forward of the whole padded batch, at every real token, values and gradients (float64);
+    and rewards read the plain scores at each row's last real token."""
+    model = tiny_reward_model("llama")
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in [5, 12, 3, 8, 8, 1, 10]]
+    ids, mask = data.pad(seqs, 0, side=side)
+    params = list(model.parameters())
+    real = mask.bool()
+    plain = modeling.scores(model.hf, ids, mask)
+    g_plain = torch.autograd.grad((plain[real] ** 2).sum(), params)
+    monkeypatch.setattr(modeling.ScalarModel, "rows", 3)
+    grouped = model(ids, mask)
+    g_grouped = torch.autograd.grad((grouped[real] ** 2).sum(), params)
+    torch.testing.assert_close(grouped[real], plain[real], rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_grouped, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    last = [max(i for i in range(mask.shape[1]) if mask[r, i]) for r in range(len(seqs))]  # a slow loop
+    torch.testing.assert_close(modeling.rewards(model, ids, mask), torch.stack([plain[r, i] for r, i in enumerate(last)]),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_short_training_beats_chance(micro_sft, tmp_path):
@@ -116,7 +141,7 @@ def test_bad_pairs_name_file_and_row(micro, micro_sft, tmp_path, capsys):
         if i == 0:  # as from the command line: one 'error:' line, status 2, no traceback
             assert_cli_error("reward_model.py", *argv, message=f"{path}, {message}", capsys=capsys)
         else:
-            with pytest.raises(runtime.UserError, match=re.escape(f"{path}, {message}")):
+            with pytest.raises(cli.UserError, match=re.escape(f"{path}, {message}")):
                 rm.main(argv)
     # with --truncate the long row is cut, counted and reported
     rm.main(["--sft_dir", micro_sft, "--data", str(path), "--eval_data", "", "--output_dir", str(tmp_path / "cut"),

@@ -5,8 +5,9 @@ import re
 
 import pytest
 
+import cli
 import data
-import runtime
+import run_folder
 import sample
 from conftest import run_script
 
@@ -21,11 +22,11 @@ def test_writes_a_run_folder_and_skips_when_done(micro, micro_sft, tmp_path, cap
     assert [p for p, _, _ in rows] == prompts and all(len(rs) == 3 for _, rs, _ in rows)
     made = json.loads((out / "args.json").read_text())
     assert made["policy_dir"] == micro_sft and made["seed"] == 7 and made["k"] == 3
-    assert runtime.is_done(str(out)) and json.loads((out / "DONE").read_text())["prompts"] == 10
+    assert run_folder.is_done(str(out)) and json.loads((out / "DONE").read_text())["prompts"] == 10
     before = (out / "meta.jsonl").read_text()
     sample.main(argv)  # done with the same settings: skipped, nothing rewritten
     assert "is done" in capsys.readouterr().out and (out / "meta.jsonl").read_text() == before
-    with pytest.raises(runtime.UserError, match=r"--seed 7 -> 8"):
+    with pytest.raises(cli.UserError, match=r"--seed 7 -> 8"):
         sample.main([*argv[:-1], "8"])
 
 
@@ -44,14 +45,14 @@ def test_bad_prompt_row_is_named(micro, micro_sft, tmp_path):
     prompts = [p for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")][:1]
     bad = tmp_path / "prompts.jsonl"
     bad.write_text(json.dumps({"prompt": prompts[0]}) + "\n" + json.dumps({"question": "hi"}) + "\n")
-    with pytest.raises(runtime.UserError, match=re.escape(f"{bad}, row 2: missing key 'prompt'")):
+    with pytest.raises(cli.UserError, match=re.escape(f"{bad}, row 2: missing key 'prompt'")):
         sample.main(["--policy_dir", micro_sft, "--prompts", str(bad), "--output_dir", str(tmp_path / "m2")])
 
 
 def test_a_long_prompt_is_named_or_cut_and_counted(micro, micro_sft, tmp_path, capsys):
     argv = ["--policy_dir", micro_sft, "--prompts", f"{micro['data']}/prompts_train.jsonl", "--k", "2",
             "--max_prompts", "3", "--max_new_tokens", "4", "--max_prompt_len", "5"]
-    with pytest.raises(runtime.UserError, match=r"prompts_train.jsonl: a prompt of \d+ tokens is longer than --max_prompt_len 5"):
+    with pytest.raises(cli.UserError, match=r"prompts_train.jsonl: a prompt of \d+ tokens is longer than --max_prompt_len 5"):
         sample.main([*argv, "--output_dir", str(tmp_path / "a")])
     sample.main([*argv, "--output_dir", str(tmp_path / "b"), "--truncate", "true"])
     assert "3 prompts truncated (cut from the left, --max_prompt_len 5)" in capsys.readouterr().out

@@ -10,14 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import data
-import runtime
+import distributed
+import loading
+import run_folder
 import sft
 from conftest import ROOT, metrics
 
 
 def test_loss_counts_response_tokens_only(micro):
-    tok = runtime.load_tokenizer(micro["base"])
-    model = runtime.load_causal_lm(micro["base"], tok)
+    tok = loading.load_tokenizer(micro["base"])
+    model = loading.load_causal_lm(micro["base"], tok)
     rows = data.load_sft(os.path.join(micro["data"], "sft.jsonl"))[:5]
     enc = data.Encoder(tok, 128)
     examples = [enc(p, r) for p, r, _ in rows]
@@ -62,7 +64,7 @@ def test_killed_run_resumes(micro, tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
-    assert not runtime.is_done(out), "the run finished before it was killed"
+    assert not run_folder.is_done(out), "the run finished before it was killed"
     resumed = subprocess.run(args + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout
     assert whole.wait(timeout=600) == 0
@@ -75,13 +77,13 @@ def test_killed_run_resumes(micro, tmp_path):
 def test_gradient_checkpointing_is_on_and_changes_no_gradient(micro):
     """--gradient_checkpointing true (the 7B presets) recomputes activations in backward: the
     model says it is on, and the SFT loss's gradient is that of the model without it."""
-    tok = runtime.load_tokenizer(micro["base"])
+    tok = loading.load_tokenizer(micro["base"])
     rows = data.load_sft(os.path.join(micro["data"], "sft.jsonl"))[:4]
     enc = data.Encoder(tok, 128)
     ids, mask, labels = data.response_batch([enc(p, r) for p, r, _ in rows], tok.pad_token_id)
     grads = []
     for on in (False, True):
-        model = runtime.wrap(runtime.load_causal_lm(micro["base"], tok), runtime.Dist(), gradient_checkpointing=on)
+        model = distributed.wrap(loading.load_causal_lm(micro["base"], tok), distributed.Dist(), gradient_checkpointing=on)
         model.train()
         is_on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.x's name
         assert (model.is_gradient_checkpointing if is_on is None else is_on) == on

@@ -20,16 +20,16 @@ STAGE = {"SFT_ARGS": "sft", "RM_ARGS": "reward_model", "METARM_ARGS": "metarm", 
 
 def problem(variable, value):
     """None, or what is wrong with `variable`'s flags, in one line."""
-    import runtime
+    import cli
     module = importlib.import_module(STAGE[variable])
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            runtime.parse_args(module.Args, module.__doc__, value.split())
+            cli.parse_args(module.Args, module.__doc__, value.split())
     except SystemExit:  # argparse: an unknown flag, a bad value or choice
         lines = [l for l in err.getvalue().splitlines() if l.strip()]
         return lines[-1].split("error: ", 1)[-1] if lines else "cannot be parsed"
-    except runtime.UserError as e:
+    except cli.UserError as e:
         return str(e)
     return None
 

@@ -1,10 +1,10 @@
-"""bench_ppo.py: where the time of one PPO step goes, on the embedded task's tiny models.
+"""tools/bench_ppo.py: where the time of one PPO step goes, on the embedded task's tiny models.
 
 Runs ppo.py for a few steps (the real code path, its own timers) from a given SFT policy and
 reward model, and prints the mean share of each part of a step: generation, the policy /
 reference / value / reward forward passes of the roll-out, and the PPO optimisation epochs.
 
-    python bench_ppo.py --policy_dir runs/default/seed1/sft --rm_dir runs/default/seed1/rm
+    python tools/bench_ppo.py --policy_dir runs/default/seed1/sft --rm_dir runs/default/seed1/rm
 """
 import argparse
 import json
@@ -27,7 +27,7 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "ppo.py", "--policy_dir", args.policy_dir, "--rm_dir", args.rm_dir,
                "--prompts", args.prompts, "--steps", str(args.steps), "--output_dir", out, *args.ppo_args]
-        subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+        subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f][1:]

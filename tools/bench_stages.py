@@ -1,4 +1,4 @@
-"""bench_stages.py: step time and memory of every stage on this machine (CPU or GPU).
+"""tools/bench_stages.py: step time and memory of every stage on this machine (CPU or GPU).
 
 Builds a task (the embedded tiny model, or a larger randomly initialised Llama with --hidden
 etc.), runs each stage for a few steps in its own process, and prints, from the stages' own
@@ -6,10 +6,10 @@ logs, the median step time and, on GPU, the peak memory and the memory held betw
 (weights and optimizer state). With --larger it is the small-scale check of docs/scaling.md's
 memory plan: PPO with its four models of N parameters each.
 
-    python bench_stages.py                                   # the tiny default
-    python bench_stages.py --hidden 2048 --layers 16 --intermediate 5504 --heads 16 --only ppo
-    python bench_stages.py --base smollm2 --only sft,rm --steps 6 --precision fp32   # (then bf16)
-    python bench_stages.py --from_run runs/smollm2/seed1     # a finished iterate.sh seed, stage by stage
+    python tools/bench_stages.py                                   # the tiny default
+    python tools/bench_stages.py --hidden 2048 --layers 16 --intermediate 5504 --heads 16 --only ppo
+    python tools/bench_stages.py --base smollm2 --only sft,rm --steps 6 --precision fp32   # (then bf16)
+    python tools/bench_stages.py --from_run runs/smollm2/seed1     # a finished iterate.sh seed, stage by stage
 
 --from_run reads a seed's run folders instead (each stage's DONE: wall time, precision, the peak
 resident memory of its process) and iterate.sh's stage_times.
@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 
-import task
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is one below the stages
+sys.path.insert(0, ROOT)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+import task  # noqa: E402
 
 
 def run(*argv):

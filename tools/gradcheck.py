@@ -1,4 +1,4 @@
-"""gradcheck.py: how MetaRM's three gradient forms (metarm.meta_gradient) relate as eta shrinks,
+"""tools/gradcheck.py: how MetaRM's three gradient forms (metarm.meta_gradient) relate as eta shrinks,
 in float64, and the exact form against a central finite difference.
 
   exact - taylor = O(eta^2)        first_order - taylor = O(eta)
@@ -7,19 +7,26 @@ so the fitted log-log slopes of |exact - taylor| and |first_order - taylor| agai
 and 1. On the SFT model and the task's batches when they exist (after `bash iterate.sh`), else
 on a tiny random GPT-2 reward model and random token rows (a fresh clone).
 
-    python gradcheck.py
+    python tools/gradcheck.py
 """
 import dataclasses
 import math
 import os
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
-import metarm
-import runtime
-from runtime import arg
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is one below the stages
+sys.path.insert(0, ROOT)
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import loading  # noqa: E402
+import metarm  # noqa: E402
+import modeling  # noqa: E402
+from cli import arg  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -69,7 +76,7 @@ def toy_problem(vocab=50, k=3):
     hf.score.weight.data.normal_(0, 0.3)
     rows = lambda n: data.pad([torch.randint(1, vocab, (int(torch.randint(4, 10, ())),)).tolist()
                                for _ in range(n)], 0)
-    return runtime.ScalarModel(hf).double(), rows(8), rows(2 * k), k
+    return modeling.ScalarModel(hf).double(), rows(8), rows(2 * k), k
 
 
 def slope(x, y):
@@ -80,12 +87,12 @@ def slope(x, y):
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, __doc__, argv)
+    args = cli.parse_args(Args, __doc__, argv)
     torch.manual_seed(args.seed)
-    d = runtime.Dist()
+    d = distributed.Dist()
     if os.path.isdir(args.init_rm or args.sft_dir) and os.path.isfile(args.meta_data):
-        tok = runtime.load_tokenizer(args.sft_dir)
-        net = runtime.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)).double()
+        tok = loading.load_tokenizer(args.sft_dir)
+        net = loading.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)).double()
         X_t = data.pair_batch(data.encode_pairs(tok, data.load_pairs(args.data)[:4], args.max_len, args.truncate), tok.pad_token_id, d.device)
         X_s, k = data.meta_batch(data.encode_meta(tok, data.load_meta(args.meta_data)[:2], args.max_len), tok.pad_token_id, d.device)
         eta0 = 0.04  # small enough for the leading term to dominate (the training default is far larger)
@@ -109,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

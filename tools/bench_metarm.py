@@ -1,4 +1,4 @@
-"""bench_metarm.py: what one MetaRM step costs, in one process, on the same batches.
+"""tools/bench_metarm.py: what one MetaRM step costs, in one process, on the same batches.
 
 Times (median of --repeats after a warm-up; the five are timed in turn within each repeat, and
 each ratio is the median of the per-repeat ratios, so that a slower moment of the machine
@@ -11,10 +11,10 @@ affects both sides of a ratio alike):
 on the embedded task's tiny Llama and on a larger one (tens of millions of parameters), both
 randomly initialised, with random token batches of the embedded task's lengths.
 
-    python bench_metarm.py                 # both models, prints a markdown table
-    python bench_metarm.py --sizes tiny    # the tiny model only
-    python bench_metarm.py --parts         # also: what the exact form's extra cost is made of
-    python bench_metarm.py --rows 0        # the reward model without its length groups (padding kept)
+    python tools/bench_metarm.py                 # both models, prints a markdown table
+    python tools/bench_metarm.py --sizes tiny    # the tiny model only
+    python tools/bench_metarm.py --parts         # also: what the exact form's extra cost is made of
+    python tools/bench_metarm.py --rows 0        # the reward model without its length groups (padding kept)
 
 --parts times the pieces of `exact` against a plain f+b of J: grad J with its graph kept
 (create_graph), the f+b of L at theta' through a parameter dict, and the Hessian-vector product
@@ -22,13 +22,18 @@ H_J v two ways, reverse over reverse (the backward of grad J . v: what `exact` d
 over reverse (torch.func.jvp of torch.func.grad), with their largest difference.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-import metarm
-import runtime
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is one below the stages
+sys.path.insert(0, ROOT)
+
+import metarm  # noqa: E402
+import modeling  # noqa: E402
 
 
 SIZES = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
@@ -40,7 +45,7 @@ def model_of(size, vocab=1024):
     cfg = LlamaConfig(vocab_size=vocab, num_key_value_heads=SIZES[size]["num_attention_heads"], num_labels=1,
                       pad_token_id=0, max_position_embeddings=256, **SIZES[size])
     torch.manual_seed(0)
-    return runtime.ScalarModel(LlamaForSequenceClassification(cfg))
+    return modeling.ScalarModel(LlamaForSequenceClassification(cfg))
 
 
 def random_batch(rows, seed, vocab=1024, lengths=(20, 40)):
@@ -139,10 +144,10 @@ def main():
     ap.add_argument("--eta", type=float, default=0.5, help="the ascent step")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median)")
     ap.add_argument("--parts", action="store_true", help="also time the pieces of the exact form")
-    ap.add_argument("--rows", type=int, default=runtime.ScalarModel.rows,
-                    help="rows per length group of the reward model (runtime.ScalarModel; 0: one group, padding kept)")
+    ap.add_argument("--rows", type=int, default=modeling.ScalarModel.rows,
+                    help="rows per length group of the reward model (modeling.ScalarModel; 0: one group, padding kept)")
     args = ap.parse_args()
-    runtime.ScalarModel.rows = args.rows or 10**9
+    modeling.ScalarModel.rows = args.rows or 10**9
     print(f"one process, {torch.get_num_threads()} threads; X_t = {args.pairs} pairs, "
           f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each; "
           f"reward-model length groups of {args.rows or 'all'} rows\n")

@@ -1,4 +1,4 @@
-"""metastep.py: how big is the meta-step? How much MetaRM changes the gradient the optimizer gets.
+"""tools/metastep.py: how big is the meta-step? How much MetaRM changes the gradient the optimizer gets.
 
 At a step of vanilla reward modelling the optimizer gets g0 = grad L(theta; X_t) (Eq. 1 on a batch
 of pairs). MetaRM gives it instead (metarm.meta_gradient, Eq. 3-5)
@@ -19,20 +19,26 @@ with every step - MetaRM at that eta trains what vanilla reward modelling trains
 products are summed in float64 (in float32 a 135 M-parameter cosine can come out above 1); the
 model itself is float64 by default (--dtype).
 
-    python metastep.py --rm_dir runs/default/seed1/rm --meta_data runs/default/seed1/sft_samples/meta.jsonl
+    python tools/metastep.py --rm_dir runs/default/seed1/rm --meta_data runs/default/seed1/sft_samples/meta.jsonl
 """
 import dataclasses
 import json
 import math
 import os
 import statistics
+import sys
 
 import torch
 
-import data
-import metarm
-import runtime
-from runtime import arg
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is one below the stages
+sys.path.insert(0, ROOT)
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import loading  # noqa: E402
+import metarm  # noqa: E402
+from cli import arg  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -64,7 +70,7 @@ def vanilla_gradient(model, X_t):
 
 def compare(g, g0):
     """(|g - g0| / |g0|, cos(g, g0)), summed in float64 whatever the gradients' dtype."""
-    gg, g0g0, gg0 = runtime.dot(g, g), runtime.dot(g0, g0), runtime.dot(g, g0)
+    gg, g0g0, gg0 = distributed.dot(g, g), distributed.dot(g0, g0), distributed.dot(g, g0)
     change = max(gg - 2 * gg0 + g0g0, 0.0) ** 0.5 / g0g0 ** 0.5
     return change, gg0 / (gg * g0g0) ** 0.5
 
@@ -89,9 +95,9 @@ def measure_point(model, pairs, samples, pad_id, batch, meta_batch, etas, draws,
     (`meta_batch` prompts) drawn afresh each time."""
     g = torch.Generator().manual_seed(seed)
     if len(pairs) < 2 * batch:
-        raise runtime.UserError(f"{len(pairs)} pairs: two disjoint batches of {batch} need {2 * batch}")
+        raise cli.UserError(f"{len(pairs)} pairs: two disjoint batches of {batch} need {2 * batch}")
     rows = []
-    for _ in runtime.progress(range(draws), runtime.Dist(), total=draws, desc="draws"):
+    for _ in cli.progress(range(draws), distributed.Dist(), total=draws, desc="draws"):
         order = torch.randperm(len(pairs), generator=g).tolist()
         X_t = data.pair_batch([pairs[i] for i in order[:batch]], pad_id, "cpu")
         B2 = data.pair_batch([pairs[i] for i in order[batch:2 * batch]], pad_id, "cpu")
@@ -139,7 +145,7 @@ def markdown(named_files):
     lines = ["| model | parameters | alpha | point | noise | eta/alpha | first_order change / noise | exact change / noise | cos(first_order, vanilla) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, path in named_files:
-        res = runtime.read_json(path)
+        res = cli.read_json(path)
         for point in ("start", "end"):
             if point not in res:
                 continue
@@ -162,7 +168,7 @@ def plot(named_files, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise runtime.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+        raise cli.UserError("--plot needs matplotlib (pip install matplotlib)") from None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, point in zip(axes, ("start", "end")):
         for i, (name, path) in enumerate(named_files):
@@ -193,27 +199,27 @@ def plot(named_files, out):
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, __doc__, argv)
+    args = cli.parse_args(Args, __doc__, argv)
     if args.plot:
         named = [item.split("=", 1) for item in args.plot.split(",")]
         if any(len(n) != 2 or not os.path.isfile(n[1]) for n in named):
-            raise runtime.UserError(f"--plot {args.plot}: name=file.json pairs, comma separated, each file existing")
+            raise cli.UserError(f"--plot {args.plot}: name=file.json pairs, comma separated, each file existing")
         print(markdown(named))
         return plot(named, args.plot_file)
     made = os.path.join(args.rm_dir, "args.json")
     if not os.path.isfile(made):
-        raise runtime.UserError(f"{made} does not exist: --rm_dir must be a folder reward_model.py or metarm.py wrote")
+        raise cli.UserError(f"{made} does not exist: --rm_dir must be a folder reward_model.py or metarm.py wrote")
     with open(made) as f:
         rm_args = json.load(f)
     alpha, batch = rm_args["lr"], args.global_batch or rm_args["global_batch"]
     ratios = [float(r) for r in args.ratios.split(",")]
     if any(not math.isfinite(r) or r < 0 for r in ratios):
-        raise runtime.UserError(f"--ratios {args.ratios}: numbers >= 0, comma separated")
+        raise cli.UserError(f"--ratios {args.ratios}: numbers >= 0, comma separated")
     points = args.points.split(",")
     if not points or set(points) - {"start", "end"}:
-        raise runtime.UserError(f"--points {args.points}: start, end, or start,end")
+        raise cli.UserError(f"--points {args.points}: start, end, or start,end")
     dtype = getattr(torch, args.dtype)
-    tok = runtime.load_tokenizer(args.rm_dir)
+    tok = loading.load_tokenizer(args.rm_dir)
     pairs_file = args.data or rm_args["data"]
     pairs = data.encode_pairs(tok, data.load_pairs(pairs_file), rm_args["max_len"], True, pairs_file)
     samples = data.encode_meta(tok, data.load_meta(args.meta_data), rm_args["max_len"], args.meta_data)
@@ -221,10 +227,10 @@ def main(argv=None):
                "meta_batch": args.meta_batch, "draws": args.draws, "dtype": args.dtype}
     for point in points:
         if point == "start":
-            runtime.set_seed(args.seed or rm_args["seed"])  # the new head, as reward_model.py draws it
-            model = runtime.load_reward_model(rm_args["sft_dir"], tok, trained=False)
+            cli.set_seed(args.seed or rm_args["seed"])  # the new head, as reward_model.py draws it
+            model = loading.load_reward_model(rm_args["sft_dir"], tok, trained=False)
         else:
-            model = runtime.load_reward_model(args.rm_dir, tok, trained=True)
+            model = loading.load_reward_model(args.rm_dir, tok, trained=True)
         model = model.to(dtype).eval()  # eval: no dropout; the RMs here have none anyway
         if dtype == torch.float64:
             rms_norms_in_model_dtype(model)
@@ -242,4 +248,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.guard(main)
+    cli.guard(main)

@@ -1,4 +1,4 @@
-"""bench_iterate.py: how long `bash iterate.sh` takes, stage by stage, from a fresh RUN_DIR.
+"""tools/bench_iterate.py: how long `bash iterate.sh` takes, stage by stage, from a fresh RUN_DIR.
 
 Runs iterate.sh (this checkout's, and with --vs another checkout's, in turn: A B A B ...) in a new
 temporary RUN_DIR each time, with the settings of the environment (ARMS, ROUNDS, LANES, ...), and
@@ -7,10 +7,10 @@ prints one table: each stage's seconds (the median over --repeats) as iterate.sh
 by run. A stage's own time includes waiting for the cores when branches run side by side; the
 total is what a user waits.
 
-    python bench_iterate.py                                  # the default experiment, one seed
-    python bench_iterate.py --vs ../an-older-checkout        # before / after, paired
-    ROUNDS=1 PPO_STEPS=4 python bench_iterate.py             # any iterate.sh setting
-    python bench_iterate.py --vs ../older --keep /tmp/runs   # and keep the run folders (to compare results)
+    python tools/bench_iterate.py                                  # the default experiment, one seed
+    python tools/bench_iterate.py --vs ../an-older-checkout        # before / after, paired
+    ROUNDS=1 PPO_STEPS=4 python tools/bench_iterate.py             # any iterate.sh setting
+    python tools/bench_iterate.py --vs ../older --keep /tmp/runs   # and keep the run folders (to compare results)
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is one below the stages
 
 
 TOTAL = "total (wall)"
@@ -42,7 +42,7 @@ def run(checkout, keep=""):
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
     if p.returncode:
-        raise SystemExit(f"bench_iterate.py: {checkout}/iterate.sh failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        raise SystemExit(f"tools/bench_iterate.py: {checkout}/iterate.sh failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     stages = {name: int(s) for name, s in re.findall(r"^\[done\] (.*) \((\d+) s(?:, \d+ thread\(s\))?\)$", p.stdout, re.M)}
     return {**stages, TOTAL: wall}
 
