@@ -188,10 +188,8 @@ def train(args):
 
     # 1. data: query pairs and support samples, grouped into training distributions
     tok = loading.load_tokenizer(args.sft_dir)
-    enc = data.Encoder(tok, args.max_len, args.truncate)
     pairs = data.load_pairs(args.data, args.skip_bad_rows)
-    query = [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
-    enc.report(args.data)
+    query = data.encode_pairs(tok, pairs, args.max_len, args.truncate, args.data, joined=False)
     examples = [(sum(w, []), sum(l, [])) for w, l in query]  # prompt + response joined: the RM's rows
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
     eval_examples = data.encode_pairs(tok, eval_pairs, args.max_len, args.truncate, args.eval_data)

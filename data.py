@@ -425,10 +425,13 @@ def encode_prompts(tok, prompts, max_len, truncate, path=""):
     return [x[-max_len:] for x in ids]
 
 
-def encode_pairs(tok, pairs, max_len, truncate, path=""):
-    """Pairs -> [(chosen_ids, rejected_ids)] (prompt + response each); cuts are reported under `path`."""
+def encode_pairs(tok, pairs, max_len, truncate, path="", joined=True):
+    """Pairs -> [(chosen, rejected)], each side prompt + response as one id list (a reward model's
+    rows), or with joined=False as (prompt_ids, response_ids) (a policy's: DPO scores the response
+    tokens alone); cuts are reported under `path`."""
     enc = Encoder(tok, max_len, truncate)
-    out = [(sum(enc(p, w, where), []), sum(enc(p, l, where), [])) for p, w, l, where in pairs]
+    side = (lambda p, r: p + r) if joined else (lambda p, r: (p, r))
+    out = [(side(*enc(p, w, where)), side(*enc(p, l, where))) for p, w, l, where in pairs]
     enc.report(path)
     return out
 

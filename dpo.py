@@ -103,13 +103,10 @@ def train(args):
 
     # 1. data: (prompt, response) token ids of each chosen and rejected response
     tok = loading.load_tokenizer(args.sft_dir)
-    enc = data.Encoder(tok, args.max_len, args.truncate)
-    encode = lambda pairs: [(enc(p, w, where), enc(p, l, where)) for p, w, l, where in pairs]
-    examples = encode(data.load_pairs(args.data, args.skip_bad_rows))
-    enc.report(args.data)
-    enc.cut.clear()
-    eval_examples = encode(data.load_pairs(args.eval_data, args.skip_bad_rows)) if args.eval_data else []
-    enc.report(args.eval_data)
+    encode = lambda path: data.encode_pairs(tok, data.load_pairs(path, args.skip_bad_rows), args.max_len,
+                                            args.truncate, path, joined=False)
+    examples = encode(args.data)
+    eval_examples = encode(args.eval_data) if args.eval_data else []
 
     # 2. the policy (trained) and the reference (frozen), both from SFT
     policy = distributed.wrap(loading.load_causal_lm(args.sft_dir, tok), d,
