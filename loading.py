@@ -145,7 +145,7 @@ def load_reward_model(name, tok, trained=True):
             '{"mean": 0.0, "std": 1.0})')
     if not trained and kind == "reward model":
         raise UserError(f"{name} is a reward model, not the SFT model a new reward model "
-                        "starts from (metarm.py --init_rm starts from a reward model)")
+                        "starts from (bilevel_rm.py --init_rm starts from a reward model)")
     check_tokenizer(name, tok)
     hf = _from_pretrained(AutoModelForSequenceClassification, name, num_labels=1, dtype=torch.float32)
     if not hasattr(hf, "score"):

@@ -44,7 +44,6 @@ from cli import arg
 @dataclasses.dataclass
 class Args:
     sft_dir: str = arg("runs/default/seed1/sft", "the SFT model the reward model starts from, with a new head (folder or hub name)")
-    init_rm: str = arg("", "start from this reward model instead of the SFT weights")
     data: str = arg("runs/default/task/data/pairs_train.jsonl", "the preference pairs D (HH-RLHF schema)")
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
     meta_data: str = arg("runs/default/seed1/sft_samples/meta.jsonl", "meta data S: k policy samples per prompt (sample.py)")
@@ -218,11 +217,12 @@ def train(args):
     eval_pairs = data.load_pairs(args.eval_data, args.skip_bad_rows) if args.eval_data else []
     eval_examples = data.encode_pairs(tok, eval_pairs, args.max_len, args.truncate, args.eval_data)
     meta = data.load_meta(args.meta_data, args.skip_bad_rows)
+    gold = measure.gold_applies([p for p, _, _, _ in pairs])
     samples = data.encode_meta(tok, meta, args.max_len, args.meta_data)
-    gold = measure.gold_applies([p for p, _, _ in meta])
+    gold_meta = measure.gold_applies([p for p, _, _ in meta])
 
     # 2. the reward model: SFT weights and a new head
-    model = distributed.wrap(loading.load_reward_model(args.init_rm or args.sft_dir, tok, trained=bool(args.init_rm)), d,
+    model = distributed.wrap(loading.load_reward_model(args.sft_dir, tok, trained=False), d,
                          gradient_checkpointing=args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = training.total_steps(len(examples), args.global_batch, args.epochs)
@@ -242,7 +242,7 @@ def train(args):
         r = measure.score_samples(model, samples, tok.pad_token_id, d)
         out["shift/J"] = float(difference_loss(r))
         if final:
-            out.update(measure.shift(r, meta if gold else None))
+            out.update(measure.shift(r, meta if gold_meta else None))
         model.train()
         run.log(step, out)
         return out
@@ -286,6 +286,10 @@ def train(args):
         summary.update({f"theta/{k}": v for k, v in evaluate(total, final=True).items()})
         adapt(model, samples, tok.pad_token_id, args, d)
     summary.update(evaluate(total, final=True))
+    if gold:
+        summary["label_ceiling/train"] = measure.label_ceiling(pairs)
+        if eval_pairs:
+            summary["label_ceiling/eval"] = measure.label_ceiling(eval_pairs)
     model.eval()
     stats = measure.reward_stats(model, examples, tok.pad_token_id, d)
     loading.save_model(model, tok, args.output_dir, d, extra={"reward_stats.json": stats})

@@ -92,7 +92,7 @@ def train(args):
     start = state["step"] if state else 0
     d.print(f"reward model: {len(examples)} pairs, {total} steps of {args.global_batch} pairs")
 
-    def evaluate(step, final=False):
+    def evaluate(step):
         """Held-out accuracy and margin."""
         model.eval()
         out = measure.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
@@ -132,7 +132,7 @@ def train(args):
 
     # 4. the RM to deploy, its measurements, reward statistics for PPO, save, DONE last
     summary = {"stage": "reward_model", "steps": total}
-    summary.update(evaluate(total, final=True))
+    summary.update(evaluate(total))
     if gold:
         summary["label_ceiling/train"] = measure.label_ceiling(pairs)
         if eval_pairs:
