@@ -34,6 +34,8 @@
 # re-runs in seconds, and deleting one stage's DONE redoes that stage and the ones after it.
 # One iterate.sh at a time per RUN_DIR (RUN_DIR/LOCK); RUN_DIR/settings records the settings it
 # was run with, and a re-run with other settings is refused before any stage.
+# This file is the experiment (its settings, then the stages in order, from '---- the experiment');
+# how stages run side by side is iterate/scheduling.sh, the checks of every setting iterate/checks.sh.
 #
 # Settings (environment variables):
 #   RUN_DIR    where everything goes                                  (runs/default)
@@ -85,15 +87,6 @@ OOD=${OOD:-0}
 PPO_STEPS=${PPO_STEPS:-20}
 META_N=${META_N:-256}
 JUDGE=${JUDGE:-gold}
-NGPU=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$NGPU
-  [ "$NPROC" -gt 0 ] || NPROC=1
-fi
-SHARE=1  # a seed's share of the cores (CPU): the threads of a stage that runs alone (threads)
-[ "$NGPU" -gt 0 ] || SHARE=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / (${JOBS:-1} * NPROC) ))
-[ "$SHARE" -ge 1 ] || SHARE=1
-LANES=${LANES:-$SHARE}  # with GPUs, one stage at a time (at 7B two do not fit)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the default run never touches the network
 
 DATA=${DATA:-$RUN_DIR/task/data}
@@ -109,173 +102,13 @@ ID_PROMPTS=$PROMPTS  # the training distributions' prompts (the bilevel RM's sup
 if [ "$OOD" = 1 ]; then PROMPTS=$OOD_PROMPTS; TEST_PROMPTS=$OOD_TEST_PROMPTS; fi
 COMMON="--strategy $DIST"
 
-# ---- every choice is checked before the first stage runs --------------------------------------
-fail() { echo "iterate.sh: $*" >&2; exit 2; }
-is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
-case "$META_GRAD" in exact|first_order|taylor) ;; *) fail "META_GRAD=$META_GRAD: use exact, first_order or taylor";; esac
-case "$DIST" in ddp|fsdp) ;; *) fail "DIST=$DIST: use ddp or fsdp";; esac
-case "$KL_ANCHOR" in prev|sft) ;; *) fail "KL_ANCHOR=$KL_ANCHOR: use prev or sft";; esac
-case "$OOD" in 0|1) ;; *) fail "OOD=$OOD: use 0 or 1";; esac
-for v in ROUNDS JOBS LANES PPO_STEPS NPROC ORACLE_PAIRS; do
-  is_int "${!v}" && [ "${!v}" -ge 1 ] || fail "$v=${!v}: a whole number >= 1"
-done
-is_int "$META_N" || fail "META_N=$META_N: a whole number (0: all prompts)"
-for S in $SEEDS; do is_int "$S" || fail "SEEDS: '$S' is not a whole number"; done
-[ -n "$SEEDS" ] || fail "SEEDS is empty"
-TWICE=$(printf '%s\n' $SEEDS | sed 's/^0*\([0-9]\)/\1/' | sort | uniq -d | tr '\n' ' ')
-[ -z "$TWICE" ] || fail "SEEDS=\"$SEEDS\": seed(s) ${TWICE}named twice"
-[ -n "$ARMS" ] || fail "ARMS is empty"
-arm_base() { echo "${1%%+*}"; }
-arm_mod() {  # arm_mod ARM KEY DEFAULT: the value of +KEY=value in the arm's name, else DEFAULT
-  local m
-  if [[ "$1" == *+* ]]; then
-    for m in $(echo "${1#*+}" | tr '+' ' '); do
-      [ "${m%%=*}" = "$2" ] && { echo "${m#*=}"; return; }
-    done
-  fi
-  echo "$3"
-}
-for A in $ARMS; do
-  B=$(arm_base "$A")
-  case "$B" in metarm|vanilla|oracle|dpo|bilevel) ;; *) fail "ARMS: unknown arm '$B' in '$A' (metarm, vanilla, oracle, dpo, bilevel)";; esac
-  if [ "$A" != "$B" ]; then
-    for m in $(echo "${A#*+}" | tr '+' ' '); do
-      k=${m%%=*}; v=${m#*=}
-      [ "$k" != "$m" ] || fail "ARMS: '$m' in '$A' is not key=value"
-      case "$B:$k" in
-        metarm:eta) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "ARMS: eta=$v in '$A' is not a number >= 0";;
-        metarm:deploy) case "$v" in theta|adapted) ;; *) fail "ARMS: deploy=$v in '$A': theta or adapted";; esac;;
-        metarm:anchor|vanilla:anchor|oracle:anchor|bilevel:anchor) case "$v" in prev|sft) ;; *) fail "ARMS: anchor=$v in '$A': prev or sft";; esac;;
-        *) fail "ARMS: '$k' is not a setting of the $B arm (metarm: eta, deploy, anchor; vanilla, oracle, bilevel: anchor)";;
-      esac
-    done
-  fi
-  case "$B" in  # arms that read the embedded task itself
-    oracle) needs="labels with the embedded task's annotator";;
-    bilevel) needs="groups the pairs into the embedded task's topics";;
-    *) needs="";;
-  esac
-  if [ -n "$needs" ] && [ "$DATA" != "$RUN_DIR/task/data" ] && [ "$PAIRS" = "${PAIRS#$DATA/}" ]; then
-    fail "ARMS: the $B arm $needs; it needs the embedded task's data"
-  fi
-done
+source iterate/scheduling.sh  # how stages run: stage, launch, branches and seeds side by side, threads
+source iterate/checks.sh      # every choice checked, then RUN_DIR locked and its settings recorded
 
-# Each stage's extra flags parse before the first stage runs (one python start for all of them).
-python tools/check_flags.py SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" \
-  PPO_ARGS "${PPO_ARGS:-}" SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" \
-  EVAL_ARGS "${EVAL_ARGS:-}" || exit 2
-
-# ---- one iterate.sh per RUN_DIR, and a RUN_DIR stands for one set of settings ------------------
-mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || fail "cannot write in RUN_DIR=$RUN_DIR"
-exec 9>>"$RUN_DIR/LOCK"  # held until this script and every stage it started have ended
-flock -n 9 || fail "RUN_DIR=$RUN_DIR is in use by another iterate.sh ($(cat "$RUN_DIR/LOCK")): wait for it to end, or stop it"
-echo "iterate.sh, pid $$ on $(hostname)" > "$RUN_DIR/LOCK"
-# What every stage computes depends on these (ARMS and SEEDS may grow: new ones simply run; JOBS,
-# LANES, NPROC and DIST change how, not what). A finished RUN_DIR re-run with other values is refused.
-# Paths inside RUN_DIR are recorded as <RUN_DIR>/...: runs/x, ./runs/x/ and /abs/runs/x are one RUN_DIR.
-settings() {  # settings SPELLING: the settings, RUN_DIR written as SPELLING
-  [ -z "${TASK_ARGS:-}" ] || echo "TASK_ARGS=$TASK_ARGS"  # (absent when empty: older RUN_DIRs still match)
-  local v val
-  for v in ROUNDS META_GRAD KL_ANCHOR ORACLE_PAIRS OOD MODEL SFT_DATA PAIRS EVAL_PAIRS PROMPTS \
-           TEST_PROMPTS PPO_STEPS META_N SFT_ARGS RM_ARGS METARM_ARGS PPO_ARGS SAMPLE_ARGS DPO_ARGS BILEVEL_ARGS; do
-    val=${!v:-}
-    [ "$v" = "${v%_ARGS}" ] && [ "${val#"$RUN_DIR"/}" != "$val" ] && val="$1/${val#"$RUN_DIR"/}"
-    echo "$v=$val"
-  done
-}
-SETTINGS=$(settings "<RUN_DIR>")
-OLD_ROOT=$(sed -n 's|^MODEL=\(.*\)/task/base_model$|\1|p' "$RUN_DIR/settings" 2>/dev/null || true)  # as older runs wrote it
-if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ] \
-   && { [ -z "$OLD_ROOT" ] || [ "$(cat "$RUN_DIR/settings")" != "$(settings "$OLD_ROOT")" ]; }; then
-  fail "RUN_DIR=$RUN_DIR was run with other settings: $(diff <(cat "$RUN_DIR/settings") <(echo "$SETTINGS") \
-    | sed -n 's/^< /before /p; s/^> /now /p' | tr '\n' ';' | sed 's/;/; /g')use another RUN_DIR, or delete it"
-fi
-echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
-
-# One process: plain python (torchrun's own start and rendezvous cost about 2 s a stage, for
-# nothing with one process); more: torchrun.
-one_process() { python -u "$@"; }
-launch() {
-  if [ "$NPROC" = 1 ]; then one_process "$@"
-  else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
-}
-
-DIRTY=0
-TIMES=/dev/null  # each seed's stage times, in RUN_DIR/seed<S>/stage_times
-say() { echo "$@" >&"${SAY_FD:-1}"; }  # a branch's status lines, even when its output goes to its log
-stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
-  local name=$1 out=$2 marker=$3; shift 3
-  if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then say "[skip] $name"; return 0; fi
-  if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
-  DIRTY=1
-  say "[run ] $name"
-  local t0=$SECONDS threads
-  threads=${OMP_NUM_THREADS:-$(threads)}
-  OMP_NUM_THREADS=$threads "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
-  echo "$name: $((SECONDS - t0)) s, $threads thread(s), in $out" >> "$TIMES"
-  say "[done] $name ($((SECONDS - t0)) s, $threads thread(s))"
-}
-# A stage's intra-op threads (per process). The cores go to seeds (JOBS) and branches (LANES) side
-# by side, one thread per stage; a stage that runs alone - SFT, the evaluation, and a branch's
-# stages once no other branch of its seed runs or waits (side_by_side names that branch in ALONE)
-# - takes the seed's whole share, SHARE. The threads change the time, not the numbers: on the
-# machines measured, every stage gives the same bits with 1 or 2 threads (tests/test_iterate.py).
-threads() {
-  if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
-}
+# ---- the experiment --------------------------------------------------------------------------
 oracle_labels() {  # oracle_labels FOLDER META SEED: the task's annotator labels the samples; + the pairs
   mkdir -p "$1" && python task.py --label "$2" --out "$1/new_pairs.jsonl" --pairs "$ORACLE_PAIRS" --seed "$3" \
     && cat "$PAIRS" "$1/new_pairs.jsonl" > "$1/pairs.jsonl.tmp" && mv "$1/pairs.jsonl.tmp" "$1/pairs.jsonl"
-}
-will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
-  if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
-}
-
-# Background branches ignore Ctrl-C (bash does that to background jobs in a script): on INT or TERM,
-# end every process this script started (a stage stopped mid-way resumes from its checkpoint).
-kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -TERM "$1" 2>/dev/null || true; }
-trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
-
-side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
-  local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
-  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given;
-  # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
-  rm -f "$ALONE"
-  local -a name=() needs=() command=()
-  local -A state=() name_of=()
-  while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
-  while :; do
-    for i in "${!name[@]}"; do  # start what is ready, while lanes are free (after a failure: nothing)
-      [ -z "$failed" ] && [ "${#name_of[@]}" -lt "$LANES" ] && [ -z "${state[${name[$i]}]:-}" ] || continue
-      ready=1
-      for n in ${needs[$i]//,/ }; do [ "$n" = - ] || [ "${state[$n]:-}" = done ] || ready=0; done
-      [ "$ready" = 1 ] || continue
-      DIRTY=0
-      for n in ${needs[$i]//,/ }; do DIRTY=$(( DIRTY | ${REDONE[$n]} )); done
-      if [ "$LANES" = 1 ]; then
-        ( ${command[$i]} ) &             # one at a time: its output where ours goes
-      else                               # side by side: its output to its log, status lines to ours
-        log="$RUN_DIR/seed$SEED/${name[$i]}.log"
-        ( BRANCH=${name[$i]} BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
-      fi
-      state[${name[$i]}]=running
-      name_of[$!]=${name[$i]}
-    done
-    [ "${#name_of[@]}" -gt 0 ] || break
-    if [ "${#name_of[@]}" = 1 ] && [ "${#state[@]}" = "${#name[@]}" ]; then  # the last branch (every one
-      # started, one running): the seed's cores are its
-      echo "${name_of[@]}" > "$ALONE.tmp" && mv "$ALONE.tmp" "$ALONE"
-    fi
-    st=0
-    wait -n -p pid || st=$?
-    if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
-    unset "name_of[$pid]"
-  done
-  rm -f "$ALONE"
-  [ -z "$failed" ] || exit 1
-  for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
-    [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"
-  done
 }
 
 run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
@@ -420,31 +253,7 @@ if [ "$NEED_TASK" = 1 ]; then
 fi
 AFTER_TASK=$DIRTY
 
-if [ "$JOBS" = 1 ]; then
-  for SEED in $SEEDS; do run_seed "$SEED"; done
-else  # seeds side by side, each in its own log; the cores (or GPUs) divided between them
-  [ "$NGPU" = 0 ] || NPROC=1
-  declare -A SEED_OF=()
-  failed=""
-  reap() {  # wait for one seed to end
-    local pid st=0
-    wait -n -p pid || st=$?
-    if [ "$st" = 0 ]; then echo "[seed ${SEED_OF[$pid]}] done"; else echo "[seed ${SEED_OF[$pid]}] failed"; failed="$failed ${SEED_OF[$pid]}"; fi
-    unset "SEED_OF[$pid]"
-  }
-  slot=0
-  for SEED in $SEEDS; do
-    while [ "${#SEED_OF[@]}" -ge "$JOBS" ]; do reap; done
-    [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$(( slot % NGPU ))
-    echo "[seed $SEED] running, log: $RUN_DIR/seed$SEED.log"
-    ( run_seed "$SEED" ) > "$RUN_DIR/seed$SEED.log" 2>&1 &
-    SEED_OF[$!]=$SEED
-    slot=$((slot + 1))
-  done
-  while [ "${#SEED_OF[@]}" -gt 0 ]; do reap; done
-  [ -z "$failed" ] || fail "seed(s)$failed failed: see $RUN_DIR/seed<S>.log, fix and re-run to resume"
-fi
-
+run_seeds
 python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS" --arms "$ARMS" \
   --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
 echo "total: $((SECONDS - T_START)) s. Report: $RUN_DIR/results.md (numbers: $RUN_DIR/results.json)"

@@ -233,9 +233,9 @@ def test_a_moved_run_dir_is_the_same_run(first, micro, tmp_path):
 
 
 def test_settings_record_paths_inside_the_run_dir_by_their_place_in_it(tmp_path):
-    """iterate.sh's settings() writes runs/x/..., ./runs/x//... and /abs/runs/x/... alike."""
+    """iterate.sh's settings() (iterate/checks.sh) writes runs/x/..., ./runs/x//... and /abs/runs/x/... alike."""
     def recorded(run_dir):
-        script = (f'source <(sed -n "/^settings() {{/,/^}}/p" iterate.sh); RUN_DIR={shlex.quote(run_dir)}; '
+        script = (f'source <(sed -n "/^settings() {{/,/^}}/p" iterate/checks.sh); RUN_DIR={shlex.quote(run_dir)}; '
                   'MODEL="$RUN_DIR/task/base_model"; PAIRS=/elsewhere/pairs.jsonl; settings "<RUN_DIR>"')
         p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
         return p.stdout

@@ -1,0 +1,128 @@
+# iterate/scheduling.sh: how iterate.sh runs its stages, sourced by it; the experiment does not
+# depend on anything here (JOBS, LANES and the threads change the time, not the numbers).
+#   stage NAME OUTPUT MARKER command...   run a stage unless its MARKER says done (and nothing it
+#                                         reads was redone: DIRTY), timed, with its threads
+#   launch SCRIPT ARGS...                 python, or torchrun with NPROC processes
+#   side_by_side SEED NAME NEEDS CMD ...  a seed's branches, LANES at a time, each once its NEEDS ended
+#   run_seeds                             run_seed for every seed, JOBS side by side
+# and Ctrl-C or TERM ends every process iterate.sh started.
+
+NGPU=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$NGPU
+  [ "$NPROC" -gt 0 ] || NPROC=1
+fi
+SHARE=1  # a seed's share of the cores (CPU): the threads of a stage that runs alone (threads)
+[ "$NGPU" -gt 0 ] || SHARE=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / (${JOBS:-1} * NPROC) ))
+[ "$SHARE" -ge 1 ] || SHARE=1
+LANES=${LANES:-$SHARE}  # with GPUs, one stage at a time (at 7B two do not fit)
+
+# One process: plain python (torchrun's own start and rendezvous cost about 2 s a stage, for
+# nothing with one process); more: torchrun.
+one_process() { python -u "$@"; }
+launch() {
+  if [ "$NPROC" = 1 ]; then one_process "$@"
+  else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
+}
+
+DIRTY=0
+TIMES=/dev/null  # each seed's stage times, in RUN_DIR/seed<S>/stage_times
+say() { echo "$@" >&"${SAY_FD:-1}"; }  # a branch's status lines, even when its output goes to its log
+stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
+  local name=$1 out=$2 marker=$3; shift 3
+  if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then say "[skip] $name"; return 0; fi
+  if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
+  DIRTY=1
+  say "[run ] $name"
+  local t0=$SECONDS threads
+  threads=${OMP_NUM_THREADS:-$(threads)}
+  OMP_NUM_THREADS=$threads "$@" || { say "iterate.sh: stage '$name' failed (its folder: $out${BRANCH_LOG:+, its output: $BRANCH_LOG}); fix and re-run to resume"; exit 1; }
+  echo "$name: $((SECONDS - t0)) s, $threads thread(s), in $out" >> "$TIMES"
+  say "[done] $name ($((SECONDS - t0)) s, $threads thread(s))"
+}
+# A stage's intra-op threads (per process). The cores go to seeds (JOBS) and branches (LANES) side
+# by side, one thread per stage; a stage that runs alone - SFT, the evaluation, and a branch's
+# stages once no other branch of its seed runs or waits (side_by_side names that branch in ALONE)
+# - takes the seed's whole share, SHARE. The threads change the time, not the numbers: on the
+# machines measured, every stage gives the same bits with 1 or 2 threads (tests/test_iterate.py).
+threads() {
+  if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
+}
+will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
+  if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
+}
+
+# Background branches ignore Ctrl-C (bash does that to background jobs in a script): on INT or TERM,
+# end every process this script started (a stage stopped mid-way resumes from its checkpoint).
+kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -TERM "$1" 2>/dev/null || true; }
+trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
+
+side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
+  local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
+  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given;
+  # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
+  rm -f "$ALONE"
+  local -a name=() needs=() command=()
+  local -A state=() name_of=()
+  while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
+  while :; do
+    for i in "${!name[@]}"; do  # start what is ready, while lanes are free (after a failure: nothing)
+      [ -z "$failed" ] && [ "${#name_of[@]}" -lt "$LANES" ] && [ -z "${state[${name[$i]}]:-}" ] || continue
+      ready=1
+      for n in ${needs[$i]//,/ }; do [ "$n" = - ] || [ "${state[$n]:-}" = done ] || ready=0; done
+      [ "$ready" = 1 ] || continue
+      DIRTY=0
+      for n in ${needs[$i]//,/ }; do DIRTY=$(( DIRTY | ${REDONE[$n]} )); done
+      if [ "$LANES" = 1 ]; then
+        ( ${command[$i]} ) &             # one at a time: its output where ours goes
+      else                               # side by side: its output to its log, status lines to ours
+        log="$RUN_DIR/seed$SEED/${name[$i]}.log"
+        ( BRANCH=${name[$i]} BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
+      fi
+      state[${name[$i]}]=running
+      name_of[$!]=${name[$i]}
+    done
+    [ "${#name_of[@]}" -gt 0 ] || break
+    if [ "${#name_of[@]}" = 1 ] && [ "${#state[@]}" = "${#name[@]}" ]; then  # the last branch (every one
+      # started, one running): the seed's cores are its
+      echo "${name_of[@]}" > "$ALONE.tmp" && mv "$ALONE.tmp" "$ALONE"
+    fi
+    st=0
+    wait -n -p pid || st=$?
+    if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
+    unset "name_of[$pid]"
+  done
+  rm -f "$ALONE"
+  [ -z "$failed" ] || exit 1
+  for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
+    [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"
+  done
+}
+
+run_seeds() {  # run_seed for every seed in SEEDS; JOBS > 1: side by side, each in its own log
+  if [ "$JOBS" = 1 ]; then
+    for SEED in $SEEDS; do run_seed "$SEED"; done
+    return
+  fi
+  # the cores (or GPUs) divided between the seeds
+  [ "$NGPU" = 0 ] || NPROC=1
+  declare -A SEED_OF=()
+  failed=""
+  reap() {  # wait for one seed to end
+    local pid st=0
+    wait -n -p pid || st=$?
+    if [ "$st" = 0 ]; then echo "[seed ${SEED_OF[$pid]}] done"; else echo "[seed ${SEED_OF[$pid]}] failed"; failed="$failed ${SEED_OF[$pid]}"; fi
+    unset "SEED_OF[$pid]"
+  }
+  slot=0
+  for SEED in $SEEDS; do
+    while [ "${#SEED_OF[@]}" -ge "$JOBS" ]; do reap; done
+    [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$(( slot % NGPU ))
+    echo "[seed $SEED] running, log: $RUN_DIR/seed$SEED.log"
+    ( run_seed "$SEED" ) > "$RUN_DIR/seed$SEED.log" 2>&1 &
+    SEED_OF[$!]=$SEED
+    slot=$((slot + 1))
+  done
+  while [ "${#SEED_OF[@]}" -gt 0 ]; do reap; done
+  [ -z "$failed" ] || fail "seed(s)$failed failed: see $RUN_DIR/seed<S>.log, fix and re-run to resume"
+}
