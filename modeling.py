@@ -79,10 +79,8 @@ class ScalarModel(torch.nn.Module):
         parts = []
         for group in by_length.split(self.rows):
             T = int(ends[group].max())
-            ids, mask = input_ids[group, :T], attention_mask[group, :T]
-            h = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-            parts.append(torch.nn.functional.pad(self.hf.score(h)[..., 0], (0, input_ids.shape[1] - T)))
+            s = scores(self.hf, input_ids[group, :T], attention_mask[group, :T])
+            parts.append(torch.nn.functional.pad(s, (0, input_ids.shape[1] - T)))
         # back in the given order: indexing makes a new tensor, not a view of the head's output
-        # (FSDP2 warns that in-place changes to a view would bypass it); bf16 -> fp32, fp32 and fp64 kept
-        s = torch.cat(parts)[torch.argsort(by_length)]
-        return s.to(torch.promote_types(s.dtype, torch.float32))
+        # (FSDP2 warns that in-place changes to a view would bypass it)
+        return torch.cat(parts)[torch.argsort(by_length)]

@@ -145,12 +145,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median)")
     ap.add_argument("--parts", action="store_true", help="also time the pieces of the exact form")
     ap.add_argument("--rows", type=int, default=modeling.ScalarModel.rows,
-                    help="rows per length group of the reward model (modeling.ScalarModel; 0: one group, padding kept)")
+                    help="rows per length group of the reward model (modeling.ScalarModel; 0: the plain scores of the whole batch, padding kept)")
     args = ap.parse_args()
-    modeling.ScalarModel.rows = args.rows or 10**9
+    modeling.ScalarModel.rows = args.rows  # 0: modeling.scores, the whole batch, padding kept
     print(f"one process, {torch.get_num_threads()} threads; X_t = {args.pairs} pairs, "
           f"X_s = {args.prompts} prompts x {args.k} responses, 20-40 tokens each; "
-          f"reward-model length groups of {args.rows or 'all'} rows\n")
+          + (f"reward-model length groups of {args.rows} rows\n" if args.rows else "no length groups (the plain scores)\n"))
     print("| model | parameters | vanilla (s) | meta f+b (s) | first_order (s) | exact (s) | taylor (s) "
           "| first_order / floor | exact / first_order | taylor / first_order |")
     print("|---|---|---|---|---|---|---|---|---|---|")
