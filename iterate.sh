@@ -112,7 +112,7 @@ oracle_labels() {  # oracle_labels FOLDER META SEED: the task's annotator labels
 }
 
 run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
-  local SEED=$1 A=$2 R="$RUN_DIR/seed$1" B K POLICY RM REF ANCHOR
+  local SEED=$1 A=$2 R="$RUN_DIR/seed$1" B K POLICY LOG RM REF ANCHOR EXTRA
   B=$(arm_base "$A")
   ANCHOR=$(arm_mod "$A" anchor "$KL_ANCHOR")
   POLICY="$R/sft"
@@ -144,10 +144,18 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
     esac
     REF=""
     [ "$ANCHOR" = sft ] && REF="$R/sft"
-    stage "seed $SEED $A round $K: PPO from $(basename "$(dirname "$POLICY")")/$(basename "$POLICY")" "$D/ppo" "$D/ppo/DONE" \
-      launch ppo.py $COMMON --policy_dir "$POLICY" --ref_dir "$REF" --rm_dir "$RM" --prompts "$PROMPTS" --output_dir "$D/ppo" \
-        --steps "$PPO_STEPS" --seed "$((SEED * 100 + K))" ${PPO_ARGS:-}
-    POLICY="$D/ppo"
+    if [ "$B" = vanilla ] && [ "$K" = 1 ]; then  # vanilla PPO's first PPO_STEPS steps bit for bit (same SFT, RM,
+      POLICY=$(vanilla_ppo_after "$R" 1) LOG="$R/ppo_vanilla"  # seed; the reference SFT either way): not run again
+    else
+      stage "seed $SEED $A round $K: PPO from $(basename "$(dirname "$POLICY")")/$(basename "$POLICY")" "$D/ppo" "$D/ppo/DONE" \
+        launch ppo.py $COMMON --policy_dir "$POLICY" --ref_dir "$REF" --rm_dir "$RM" --prompts "$PROMPTS" --output_dir "$D/ppo" \
+          --steps "$PPO_STEPS" --seed "$((SEED * 100 + K))" ${PPO_ARGS:-}
+      POLICY="$D/ppo" LOG="$D/ppo"
+    fi
+    EXTRA=()
+    [ "$B" != oracle ] || EXTRA=(new_pairs="$D/new_pairs.jsonl")
+    record "$SEED" "$A/round$K" arm="$A" round="$K" policy="$POLICY" log="$LOG" steps="$PPO_STEPS" rm="$RM" \
+      samples="$META" kl_anchor="$ANCHOR" "${EXTRA[@]}"
   done
 }
 
@@ -159,18 +167,21 @@ metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METAR
 }
 
 run_seed() {  # every stage of one seed, then its evaluation
-  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY BILEVEL_DIRTY=0 A BRANCHES=()
+  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY PPO_DIRTY BILEVEL_DIRTY=0 A BRANCHES=()
   local -A REDONE
   mkdir -p "$R"
   TIMES="$R/stage_times"
   : > "$TIMES"
+  : > "$R/layout.jsonl.tmp"  # the record of what each folder is, rebuilt by every run (record)
   DIRTY=$AFTER_TASK
   stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
     launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
   SFT_DIRTY=$DIRTY
+  record "$SEED" sft policy="$R/sft"
   # the branches after SFT, what each needs, and which of them are redone in this run (REDONE)
   BASE_DIRTY=$(will_run "$R/rm/DONE")
   SAMPLE_DIRTY=$(will_run "$R/sft_samples/DONE")
+  PPO_DIRTY=$(( BASE_DIRTY | $(will_run "$R/ppo_vanilla/DONE") ))
   BRANCHES=(rm - "vanilla_rm $SEED" sft_samples - "sft_samples $SEED")
   if [[ " $ARMS " == *" bilevel"* ]]; then  # one bilevel RM per seed, for every bilevel arm
     DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
@@ -178,11 +189,11 @@ run_seed() {  # every stage of one seed, then its evaluation
     [ "$PROMPTS" = "$ID_PROMPTS" ] || BILEVEL_DIRTY=$(( BILEVEL_DIRTY | $(will_run "$R/bilevel_support/DONE") ))
     BRANCHES+=(bilevel_rm rm,sft_samples "bilevel_rm $SEED")
   fi
-  REDONE=([-]=$SFT_DIRTY [rm]=$BASE_DIRTY [sft_samples]=$SAMPLE_DIRTY [bilevel_rm]=$BILEVEL_DIRTY)
+  REDONE=([-]=$SFT_DIRTY [rm]=$BASE_DIRTY [sft_samples]=$SAMPLE_DIRTY [bilevel_rm]=$BILEVEL_DIRTY [ppo_vanilla]=$PPO_DIRTY)
   for A in $ARMS; do  # the arms before vanilla PPO: the longest branches first
     case "$(arm_base "$A")" in
       dpo) BRANCHES+=("$A" - "arm $SEED $A");;
-      vanilla) BRANCHES+=("$A" rm,sft_samples "arm $SEED $A");;
+      vanilla) BRANCHES+=("$A" ppo_vanilla,sft_samples "arm $SEED $A");;  # round 1: vanilla PPO's snapshot
       bilevel) BRANCHES+=("$A" bilevel_rm "arm $SEED $A");;
       *) BRANCHES+=("$A" sft_samples "arm $SEED $A");;  # metarm, oracle: their RMs start from SFT
     esac
@@ -191,6 +202,7 @@ run_seed() {  # every stage of one seed, then its evaluation
   local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
   [ ! -s "$TIMES" ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
   [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
+  mv "$R/layout.jsonl.tmp" "$R/layout.jsonl"
   DIRTY=0
   stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
     one_process evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
@@ -207,6 +219,7 @@ vanilla_rm() {
   stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
     launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
       --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
+  record "$SEED" vanilla_rm rm="$R/rm"
 }
 sft_samples() {  # round 1's meta data, shared by every arm
   local SEED=$1 R="$RUN_DIR/seed$1"
@@ -227,10 +240,17 @@ bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
       --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
 }
 vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
-  local SEED=$1 R="$RUN_DIR/seed$1"  # way, its first PPO_STEPS steps are the vanilla arm's round 1
+  local SEED=$1 R="$RUN_DIR/seed$1" K  # way, its first PPO_STEPS steps are the vanilla arm's round 1
   stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
     launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
       --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
+  for K in $(seq 1 "$ROUNDS"); do
+    record "$SEED" "vanilla_ppo/step$((K * PPO_STEPS))" round="$K" policy="$(vanilla_ppo_after "$R" "$K")" \
+      log="$R/ppo_vanilla" steps="$((K * PPO_STEPS))" rm="$R/rm"
+  done
+}
+vanilla_ppo_after() {  # vanilla_ppo_after SEED_DIR K: the policy after K rounds' worth of vanilla PPO steps
+  if [ "$2" = "$ROUNDS" ]; then echo "$1/ppo_vanilla"; else echo "$1/ppo_vanilla/step$(($2 * PPO_STEPS))"; fi
 }
 arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
   local SEED=$1 A=$2 R="$RUN_DIR/seed$1"
@@ -238,6 +258,7 @@ arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
     stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
       launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
         --seed "$SEED" ${DPO_ARGS:-}
+    record "$SEED" dpo policy="$R/dpo"
   else
     run_arm "$SEED" "$A"
   fi

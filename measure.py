@@ -7,8 +7,9 @@ and none needs a stage:
     often the RM orders two responses of one prompt as the gold judge does (gold ties excluded);
   * the reward-difference distribution of the paper's Figures 1 and 5: pairwise |dr| between
     responses of one prompt, its variance, a histogram and the share near zero;
-  * the mean and std of r over training responses, with which PPO normalises the score.
-MetaRM's J (Eq. 2) is a function of the same reward matrix; it lives in metarm.py.
+  * the mean and std of r over training responses, with which PPO normalises the score;
+  * MetaRM's J (Eq. 2) of the same reward matrix, which metarm.py ascends and every report
+    measures.
 """
 import torch
 
@@ -77,6 +78,13 @@ def gold_agreement(r, g, tie=1e-9):
     right = (torch.sign(dr) == torch.sign(dg)).double() + 0.5 * (dr == 0).double()
     n = int(keep.sum())
     return (float(right[keep].mean()) if n else float("nan")), n
+
+
+def difference_loss(r):
+    """Eq. 2 for r of shape [m, k]: J = 2/k^2 sum_{i<j} sigmoid(|r_i - r_j|), mean over prompts."""
+    k = r.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    return (2 / k**2 * torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1)).mean()
 
 
 def difference_stats(r, bins=10, near_zero=0.1):

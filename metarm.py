@@ -90,16 +90,10 @@ def L(model, X_t, params=None):
     return pair_loss(r[:n], r[n:]).mean()
 
 
-def difference_loss(r):
-    """Eq. 2 for r of shape [m, k]: J = 2/k^2 sum_{i<j} sigmoid(|r_i - r_j|), mean over prompts."""
-    k = r.shape[1]
-    i, j = torch.triu_indices(k, k, offset=1)
-    return (2 / k**2 * torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1)).mean()
-
-
 def J(model, X_s, k, params=None):
-    """Eq. 2 on a meta batch of m prompts x k responses."""
-    return difference_loss(modeling.rewards(model, *X_s, params).view(-1, k))
+    """Eq. 2 on a meta batch of m prompts x k responses: J = 2/k^2 sum_{i<j} sigmoid(|r_i - r_j|),
+    mean over prompts (measure.difference_loss: the reports measure every RM's J with it too)."""
+    return measure.difference_loss(modeling.rewards(model, *X_s, params).view(-1, k))
 
 
 def ascend(theta, grad_J, eta):
@@ -240,7 +234,7 @@ def train(args):
         model.eval()
         out = measure.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
         r = measure.score_samples(model, samples, tok.pad_token_id, d)
-        out["shift/J"] = float(difference_loss(r))
+        out["shift/J"] = float(measure.difference_loss(r))
         if final:
             out.update(measure.shift(r, meta if gold_meta else None))
         model.train()

@@ -1,7 +1,8 @@
-"""modeling.py: what the two quantities every stage trains on are.
+"""modeling.py: what the two quantities every stage trains on are, and how a response is drawn.
 
     r_theta(x, y)   the reward model's score head read at the last real token of prompt + response
     log pi(y | x)   a causal LM's log-probabilities of the response tokens, summed
+    y ~ pi(. | x)   one sampled response per prompt (`generate`)
 
 written plainly first (`scores`, `rewards`, `sequence_logps`). Rows may be padded on the left
 (PPO's prompts) or the right (the pairs): `positions` starts every row at position 0 on its first
@@ -11,6 +12,9 @@ The reward model and PPO's critic are a `ScalarModel`: the plain `scores`, run f
 groups of rows of about one length (the section at the end; tested equal to `scores`).
 """
 import torch
+
+import data
+import distributed
 
 
 def positions(mask):
@@ -49,6 +53,23 @@ def sequence_logps(model, ids, mask, labels, params=None):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 kept
     logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)
     return (logp * (target != -100)).sum(-1)
+
+
+@torch.no_grad()
+def generate(policy, tok, prompt_ids, s, d):
+    """y ~ pi(. | x): one sampled response per prompt (s: temperature, top_p, repetition_penalty,
+    max_new_tokens). prompt_ids: list of id lists, left-padded here so that every response starts
+    at the same column. Returns (query, response) tensors on d's device; the response is padded
+    with PAD after its EOS, so PAD never hides a real EOS."""
+    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
+    query, qmask = query.to(d.device), qmask.to(d.device)
+    with distributed.autocast(d):
+        out = distributed.unwrap(policy).generate(
+            input_ids=query, attention_mask=qmask, do_sample=True, temperature=s.temperature,
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
+    return query, out[:, query.shape[1]:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,25 +86,6 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 1: sampling the roll-outs
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(policy, tok, prompt_ids, args, d):
-    """Sample one response per query. prompt_ids: list of id lists, left-padded here so that every
-    response starts at the same column. Returns (query, response) tensors; the response is padded
-    with PAD after its EOS, so PAD never hides a real EOS."""
-    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
-    query, qmask = query.to(d.device), qmask.to(d.device)
-    with distributed.autocast(d):
-        out = distributed.unwrap(policy).generate(
-            input_ids=query, attention_mask=qmask, do_sample=True, temperature=args.temperature,
-            top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
-    return query, out[:, query.shape[1]:]
-
-
-# ---------------------------------------------------------------------------------------------
 # The pieces of the algorithm, each testable on its own
 # ---------------------------------------------------------------------------------------------
 def response_mask(response, eos_id):
@@ -229,7 +210,7 @@ def rollout(policy, ref, reward, critic, tok, prompts, args, stats, kl_coef, d, 
     """Steps 1-4 for this process's queries: a dict of tensors (prompts: [(ids, text)])."""
     policy.eval()
     with timer("generate"):
-        query, response = generate(policy, tok, [p for p, _ in prompts], args, d)
+        query, response = modeling.generate(policy, tok, [p for p, _ in prompts], args, d)  # step 1: y ~ pi(. | x)
     qmask = (query != tok.pad_token_id).long()
     rmask = response_mask(response, tok.eos_token_id)
     ended = (response == tok.eos_token_id).any(1)

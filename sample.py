@@ -21,6 +21,7 @@ import cli
 import data
 import distributed
 import loading
+import modeling
 import run_folder
 from cli import arg
 
@@ -45,28 +46,13 @@ class Args:
 
 
 @torch.no_grad()
-def generate(model, tok, prompt_ids, s, d):
-    """Sample one response per prompt (s: temperature, top_p, repetition_penalty, max_new_tokens).
-    prompt_ids: list of id lists, left-padded here so that every response starts at the same
-    column. Returns the response ids, padded with PAD after their EOS."""
-    query, qmask = data.pad(prompt_ids, tok.pad_token_id, side="left")
-    with distributed.autocast(d):
-        out = distributed.unwrap(model).generate(
-            input_ids=query.to(d.device), attention_mask=qmask.to(d.device), do_sample=True,
-            temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            synced_gpus=d.world > 1 and d.strategy == "fsdp")  # FSDP: every process runs as many forwards
-    return out[:, query.shape[1]:]
-
-
-@torch.no_grad()
 def sample_meta(policy, tok, prompts, prompt_ids, args, d, batch=128):
     """k responses for every prompt; each process samples a share, every process gets all."""
     out = {}
     batches = list(distributed.shard_batches(len(prompts), max(1, batch // args.k), d))
     for idx, real in cli.progress(batches, d, desc="sample"):
         ids = [prompt_ids[j] for j in idx for _ in range(args.k)]
-        texts = data.decode_responses(tok, generate(policy, tok, ids, args, d))
+        texts = data.decode_responses(tok, modeling.generate(policy, tok, ids, args, d)[1])
         if real:
             for n, j in enumerate(idx):
                 out[j] = texts[n * args.k:(n + 1) * args.k]

@@ -5,6 +5,7 @@
 #   launch SCRIPT ARGS...                 python, or torchrun with NPROC processes
 #   side_by_side SEED NAME NEEDS CMD ...  a seed's branches, LANES at a time, each once its NEEDS ended
 #   run_seeds                             run_seed for every seed, JOBS side by side
+#   record SEED NAME KEY=FOLDER ...       one line of the seed's record of what each folder is
 # and Ctrl-C or TERM ends every process iterate.sh started.
 
 NGPU=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
@@ -50,6 +51,24 @@ threads() {
 }
 will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
   if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
+}
+
+# The one record of a seed's layout: RUN_DIR/seed<S>/layout.jsonl, one JSON object a line, naming a
+# policy or reward model (sft, vanilla_rm, vanilla_ppo/step<N>, dpo, <arm>/round<k>) and what holds
+# it, folders relative to the seed's folder. run_seed starts it as layout.jsonl.tmp, each branch
+# appends the lines of what it runs (one short write each: appends do not interleave), and it is
+# renamed before the evaluation, which reads it (evaluate.read_layout) instead of knowing the layout.
+record() {  # record SEED NAME KEY=VALUE ...: a value inside the seed's folder is written relative to it
+  local R="$RUN_DIR/seed$1" line kv v
+  line="{\"name\": \"$2\""
+  shift 2
+  for kv in "$@"; do
+    v=${kv#*=}
+    v=${v#"$R/"}
+    [[ "$v" =~ ^[A-Za-z0-9_.+=/-]+$ ]] || fail "record: '$v' (${kv%%=*}) is not a folder inside $R or a plain word"
+    if [[ "$v" =~ ^[0-9]+$ ]]; then line+=", \"${kv%%=*}\": $v"; else line+=", \"${kv%%=*}\": \"$v\""; fi
+  done
+  echo "$line}" >> "$R/layout.jsonl.tmp"
 }
 
 # Background branches ignore Ctrl-C (bash does that to background jobs in a script): on INT or TERM,

@@ -21,7 +21,7 @@ pi_1 are shared. Per seed:
 under a temporary name and renamed, so a killed run picks up where it stopped. `report` prints
 the table: per arm the mean over seeds of each metric, and MetaRM minus vanilla paired on the
 seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustment across the
-eta values (primary endpoint: gold agreement on H).
+eta values (primary endpoint: gold agreement on H; significance.py holds the tests).
 """
 import argparse
 import json
@@ -33,7 +33,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import evaluate  # noqa: E402  (t_quantile, seed_interval)
+from significance import holm, paired_t, seed_interval  # noqa: E402
 
 BASE = "runs/smollm2"
 SFT = f"{BASE}/seed1/sft"
@@ -94,42 +94,6 @@ def run_seed(out_dir, seed, ratios):
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics: the paired t-test and Holm's step-down adjustment
-# ---------------------------------------------------------------------------------------------
-def t_cdf(t, df, n=4000):
-    """P(T <= t) for Student's t with df degrees of freedom (Simpson's rule on the density)."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    density = lambda u: math.exp(log_c - (df + 1) / 2 * math.log1p(u * u / df))
-    a = abs(t)
-    h = a / n
-    s = density(0) + density(a) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
-    half = s * h / 3
-    return 0.5 + half if t >= 0 else 0.5 - half
-
-
-def paired_t(diffs):
-    """Mean of the per-seed differences, its 95% t-interval and the two-sided p of t = mean / se."""
-    ci = evaluate.seed_interval(diffs)
-    n = len(diffs)
-    if ci["se"] == 0:
-        p = 1.0 if ci["mean"] == 0 else 0.0
-    else:
-        p = 2 * (1 - t_cdf(abs(ci["mean"]) / ci["se"], n - 1))
-    return {**ci, "p": max(0.0, min(1.0, p)), "n": n}
-
-
-def holm(p_values):
-    """Holm's step-down adjusted p-values, in the order given."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-# ---------------------------------------------------------------------------------------------
 # The eta grid from the diagnostic (tools/metastep.py --out at the SmolLM2 RM's end)
 # ---------------------------------------------------------------------------------------------
 def ratios_for(diagnostic, targets=(0.01, 0.1, 1.0), point="end", form="first_order"):
@@ -165,7 +129,7 @@ def report(out_dir, seeds, ratios):
     res = {"seeds": seeds, "ratios": ratios, "alpha": ALPHA, "arms": {}, "diffs": {}}
     for ratio in [None, *ratios]:
         a = arm_name(ratio)
-        res["arms"][a] = {m: evaluate.seed_interval([values[a, s][m] for s in seeds]) for m in METRICS}
+        res["arms"][a] = {m: seed_interval([values[a, s][m] for s in seeds]) for m in METRICS}
     for m in METRICS:
         tests = {arm_name(r): paired_t([values[arm_name(r), s][m] - values["vanilla", s][m] for s in seeds])
                  for r in ratios}

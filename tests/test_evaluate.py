@@ -5,7 +5,10 @@ import random
 
 import pytest
 
+import diversity
 import evaluate as ev
+import report
+import significance
 from conftest import ROOT  # noqa: F401
 
 
@@ -15,9 +18,9 @@ def test_win_tie_lose_by_hand():
     empty_a = [False, False, False, True, False, True]
     empty_b = [False, False, False, True, True, False]
     # win (2 > 1), tie (|1 - 1.05| < 0.1), lose, tie (both empty), win (b empty), lose (a empty)
-    got = ev.win_tie_lose(a, b, 0.1, empty_a, empty_b)
+    got = report.win_tie_lose(a, b, 0.1, empty_a, empty_b)
     assert got == pytest.approx({"win": 100 * 2 / 6, "tie": 100 * 2 / 6, "lose": 100 * 2 / 6})
-    assert ev.win_tie_lose([1.0, 2.0], [0.0, 2.05], 0.1) == {"win": 50.0, "tie": 50.0, "lose": 0.0}
+    assert report.win_tie_lose([1.0, 2.0], [0.0, 2.05], 0.1) == {"win": 50.0, "tie": 50.0, "lose": 0.0}
 
 
 def test_self_bleu_and_distinct_by_hand():
@@ -27,9 +30,9 @@ def test_self_bleu_and_distinct_by_hand():
     #   "the cat ran": p1 = 2/3, p2 = 1/2                 -> sqrt(1/3)
     #   "a dog sat":   p1 = 1/3, p2 = 0 -> 0.1/2 (smoothed) -> sqrt(1/3 * 0.05)
     want = (math.sqrt(0.5) + math.sqrt(1 / 3) + math.sqrt(0.05 / 3)) / 3
-    assert ev.self_bleu(texts, 2) == pytest.approx(want, rel=1e-12)
-    assert ev.distinct(texts, 1) == pytest.approx(6 / 9)  # the, cat, sat twice; ran, a, dog once
-    assert ev.distinct(texts, 2) == pytest.approx(5 / 6)  # "the cat" twice
+    assert diversity.self_bleu(texts, 2) == pytest.approx(want, rel=1e-12)
+    assert diversity.distinct(texts, 1) == pytest.approx(6 / 9)  # the, cat, sat twice; ran, a, dog once
+    assert diversity.distinct(texts, 2) == pytest.approx(5 / 6)  # "the cat" twice
 
 
 def slow_self_bleu(texts, max_n):
@@ -57,7 +60,7 @@ def test_self_bleu_against_the_obvious_loop():
     words = "a b c the cat sat on mat dog ran".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 10))) for _ in range(25)]
     for n in (2, 3, 4, 5):
-        assert ev.self_bleu(texts, n) == pytest.approx(slow_self_bleu(texts, n), rel=1e-12)
+        assert diversity.self_bleu(texts, n) == pytest.approx(slow_self_bleu(texts, n), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +68,7 @@ def test_self_bleu_against_the_obvious_loop():
 # ---------------------------------------------------------------------------------------------
 def test_t_quantiles_against_the_table():
     for df, want in ((1, 12.7062), (3, 3.18245), (7, 2.36462), (15, 2.13145), (math.inf, 1.95996)):
-        assert ev.t_quantile(0.975, df) == pytest.approx(want, rel=2e-4)
+        assert significance.t_quantile(0.975, df) == pytest.approx(want, rel=2e-4)
 
 
 def nested(rng, S, P, diff, seed_sd=0.3, prompt_sd=1.0):
@@ -79,7 +82,7 @@ def test_bootstrap_interval_covers_the_true_difference_95_percent_of_the_time():
     for S in (4, 8):
         reps, hits = 300, 0
         for r in range(reps):
-            ci = ev.hierarchical_bootstrap(nested(rng, S, 40, 0.2), n_boot=400, seed=r)
+            ci = significance.hierarchical_bootstrap(nested(rng, S, 40, 0.2), n_boot=400, seed=r)
             hits += ci["lo"] <= 0.2 <= ci["hi"]
         assert 0.92 <= hits / reps <= 0.99, (S, hits / reps)
 
@@ -87,7 +90,7 @@ def test_bootstrap_interval_covers_the_true_difference_95_percent_of_the_time():
 def test_bootstrap_interval_shrinks_with_more_seeds():
     import numpy as np
     rng = np.random.default_rng(1)
-    width = {S: np.mean([(lambda c: c["hi"] - c["lo"])(ev.hierarchical_bootstrap(nested(rng, S, 40, 0.0), n_boot=300, seed=r))
+    width = {S: np.mean([(lambda c: c["hi"] - c["lo"])(significance.hierarchical_bootstrap(nested(rng, S, 40, 0.0), n_boot=300, seed=r))
                          for r in range(40)]) for S in (4, 16)}
     assert width[16] < 0.5 * width[4]
 
@@ -95,7 +98,7 @@ def test_bootstrap_interval_shrinks_with_more_seeds():
 def test_bootstrap_with_one_seed_is_over_prompts():
     import numpy as np
     x = np.random.default_rng(2).normal(1.0, 2.0, (1, 400))
-    ci = ev.hierarchical_bootstrap(x, n_boot=4000)
+    ci = significance.hierarchical_bootstrap(x, n_boot=4000)
     se = x.std() / math.sqrt(400)
     assert ci["mean"] == pytest.approx(x.mean())
     assert ci["se"] == pytest.approx(se, rel=0.06)
@@ -103,19 +106,19 @@ def test_bootstrap_with_one_seed_is_over_prompts():
 
 
 def test_verdict_by_hand():
-    t7 = ev.t_quantile(0.975, 7)
-    assert ev.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 8) == "better"
-    assert ev.verdict({"lo": -0.5, "hi": -0.01, "se": 0.1}, 8) == "worse"
-    v = ev.verdict({"lo": -0.2, "hi": 0.3, "se": 0.1}, 8)
+    t7 = significance.t_quantile(0.975, 7)
+    assert significance.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 8) == "better"
+    assert significance.verdict({"lo": -0.5, "hi": -0.01, "se": 0.1}, 8) == "worse"
+    v = significance.verdict({"lo": -0.2, "hi": 0.3, "se": 0.1}, 8)
     assert v.startswith("no detectable difference") and f"{(t7 + 0.8416) * 0.1:.2f}" in v  # 0.32
-    assert ev.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 1).startswith("one seed")
+    assert significance.verdict({"lo": 0.1, "hi": 0.5, "se": 0.1}, 1).startswith("one seed")
 
 
 def test_compare_by_hand():
     # two seeds, three prompts; a beats b by 1.0, ties (|0.05| < 0.1), loses by 0.5 / wins, wins, ties
     scores = {"a": [[1.0, 0.05, 0.0], [2.0, 1.0, 0.0]], "b": [[0.0, 0.0, 0.5], [1.0, 0.0, 0.0]]}
     empty = {"a": [[False] * 3] * 2, "b": [[False] * 3] * 2}
-    c = ev.compare(scores, empty, "a", "b", 0.1, n_boot=200)
+    c = report.compare(scores, empty, "a", "b", 0.1, n_boot=200)
     assert c["gold_diff"]["mean"] == pytest.approx((1.0 + 0.05 - 0.5 + 1.0 + 1.0 + 0.0) / 6)
     assert c["per_seed_gold_diff"] == pytest.approx([0.55 / 3, 2.0 / 3])
     assert (c["win"], c["tie"], c["lose"]) == pytest.approx((100 * 3 / 6, 100 * 2 / 6, 100 * 1 / 6))
@@ -127,14 +130,14 @@ def test_win_minus_lose_interval_stays_within_100_percent():
     """Two seeds, a wins every prompt but one: mean +- t_1 * se would pass +100%."""
     scores = {"a": [[1.0] * 4, [1.0, 1.0, 1.0, 0.0]], "b": [[0.0] * 4, [0.0, 0.0, 0.0, 0.5]]}
     empty = {"a": [[False] * 4] * 2, "b": [[False] * 4] * 2}
-    c = ev.compare(scores, empty, "a", "b", 0.1, n_boot=400)
+    c = report.compare(scores, empty, "a", "b", 0.1, n_boot=400)
     w = c["win_minus_lose"]
     assert w["mean"] == pytest.approx(100 * 6 / 8) and w["hi"] == 100.0 and -100.0 <= w["lo"] < w["mean"]
-    assert w["mean"] + ev.t_quantile(0.975, 1) * w["se"] > 100  # the cut was needed
+    assert w["mean"] + significance.t_quantile(0.975, 1) * w["se"] > 100  # the cut was needed
 
 
 def test_comparison_plan_pairs_modified_arms_with_their_controls():
-    plan = ev.comparison_plan(["metarm", "vanilla", "vanilla+anchor=sft", "metarm+anchor=sft"], 2, 20)
+    plan = report.comparison_plan(["metarm", "vanilla", "vanilla+anchor=sft", "metarm+anchor=sft"], 2, 20)
     assert len(plan) == len(set(plan))
     want = {("metarm+anchor=sft/round2", "metarm/round2"),             # what the SFT anchor changes
             ("metarm+anchor=sft/round2", "vanilla+anchor=sft/round2"),  # the meta-step under it

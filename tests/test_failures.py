@@ -72,7 +72,7 @@ def stage_argv(micro, micro_sft, micro_rm, tmp_path, stage):
 
 
 @pytest.mark.parametrize("stage,loss,calls_per_step", [
-    (sft, "sft_loss_sum", 1), (rm, "pair_loss", 1), (metarm, "difference_loss", 2), (dpo, "dpo_loss", 1),
+    (sft, "sft_loss_sum", 1), (rm, "pair_loss", 1), (metarm, "J", 2), (dpo, "dpo_loss", 1),
     (ppo, "policy_loss", 2), (bilevel_rm, "outer_loss", 1)])
 def test_injected_non_finite_loss_stops_the_stage(micro, micro_sft, micro_rm, tmp_path, monkeypatch,
                                                   stage, loss, calls_per_step):
@@ -535,10 +535,18 @@ def test_evaluate_on_a_missing_unfinished_or_damaged_seed_is_one_line(micro, mic
         evaluate.main(["--run_dir", str(tmp_path / "nowhere" / "seed1"), "--prompts", f"{micro['data']}/prompts_test.jsonl"])
     seed = tmp_path / "run" / "seed1"
     shutil.copytree(micro_sft, seed / "sft")
+    argv = ["--run_dir", str(seed), "--prompts", f"{micro['data']}/prompts_test.jsonl", "--rounds", "1"]
+    with pytest.raises(cli.UserError, match=r"seed1/layout.jsonl does not exist: iterate.sh writes"):
+        evaluate.main(argv)
+    (seed / "layout.jsonl").write_text('{"name": "sft", "policy": "sft"}\n{"name": "vanilla_ppo/step4", "policy": [')
+    with pytest.raises(cli.UserError, match=r"layout.jsonl, line 2: not the record of one folder \(damaged\)"):
+        evaluate.main(argv)
+    (seed / "layout.jsonl").write_text('{"name": "sft", "policy": "sft"}\n'
+                                       '{"name": "vanilla_ppo/step4", "policy": "ppo_vanilla", "log": "ppo_vanilla", "steps": 4}\n')
     (seed / "ppo_vanilla").mkdir()
     (seed / "ppo_vanilla" / "args.json").write_text('{"steps": 4}')  # started, never finished
     with pytest.raises(cli.UserError, match=r"ppo_vanilla is not done \(no DONE marker\)"):
-        evaluate.main(["--run_dir", str(seed), "--prompts", f"{micro['data']}/prompts_test.jsonl", "--rounds", "1"])
+        evaluate.main(argv)
     (seed / "eval").mkdir()
     (seed / "eval" / "results.json").write_text('{"config": ')
     with pytest.raises(cli.UserError, match=r"results.json is damaged"):

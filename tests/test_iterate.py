@@ -46,7 +46,6 @@ STAGES = ["seed 1: sft", "seed 1: vanilla reward model", "seed 1: vanilla PPO (2
           "seed 1: sample the meta data from sft",
           "seed 1 metarm round 1: MetaRM (first_order)",
           "seed 1 metarm round 1: PPO from seed1/sft",
-          "seed 1 vanilla round 1: PPO from seed1/sft",
           "seed 1 oracle round 1: 16 new labels on the samples",
           "seed 1 oracle round 1: reward model on the original + new pairs", "seed 1 oracle round 1: PPO from seed1/sft",
           "seed 1: DPO", "seed 1: evaluate"]
@@ -77,8 +76,8 @@ def test_every_stage_runs_once_sft_first_evaluation_last(first):
 
 
 def test_each_branch_writes_its_own_log(first):
-    for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:
-        assert os.path.getsize(os.path.join(first["run_dir"], "seed1", f"{branch}.log")) > 0, branch
+    for branch in ARMS.split() + ["ppo_vanilla", "rm", "sft_samples"]:  # (one round: the vanilla arm runs nothing)
+        assert os.path.getsize(os.path.join(first["run_dir"], "seed1", f"{branch}.log")) > (branch == "vanilla") - 1, branch
 
 
 def test_a_branch_starts_once_what_it_reads_has_ended(first):
@@ -86,7 +85,6 @@ def test_a_branch_starts_once_what_it_reads_has_ended(first):
     at = {event: i for i, event in enumerate(events)}
     after = {"seed 1 metarm round 1: MetaRM (first_order)": ["seed 1: sample the meta data from sft"],
              "seed 1 oracle round 1: 16 new labels on the samples": ["seed 1: sample the meta data from sft"],
-             "seed 1 vanilla round 1: PPO from seed1/sft": ["seed 1: vanilla reward model", "seed 1: sample the meta data from sft"],
              "seed 1: vanilla PPO (2 steps)": ["seed 1: vanilla reward model"],
              "seed 1 metarm round 1: PPO from seed1/sft": ["seed 1 metarm round 1: MetaRM (first_order)"],
              "seed 1: DPO": ["seed 1: sft"], "seed 1: evaluate": [s for s in STAGES if s != "seed 1: evaluate"]}
@@ -149,10 +147,42 @@ def test_the_paper_tables_and_figures_are_filled(first):
     assert res["ppo_curves"]["metarm/round1"]["gold"][-1][0] == {"mean": 2, "std": 0.0}
 
 
-def test_vanilla_round_one_is_vanilla_ppos_first_steps(first):
-    """Same RM, seed and reference: the vanilla arm's round 1 is vanilla PPO's first PPO_STEPS steps."""
+def test_the_record_names_each_policy_and_the_vanilla_round_one_is_vanilla_ppo(first):
+    """layout.jsonl names every policy the report has, with its folders; the vanilla arm's round 1
+    is vanilla PPO's run (its first PPO_STEPS steps: tests/test_ppo.py checks that they are the
+    same weights), not run again."""
+    seed = os.path.join(first["run_dir"], "seed1")
+    with open(os.path.join(seed, "layout.jsonl")) as f:
+        layout = {e["name"]: e for e in map(json.loads, f)}
+    assert set(first["res"]["judge_mean"]) | {"vanilla_rm"} == set(layout)
+    assert layout["vanilla/round1"] == {"name": "vanilla/round1", "arm": "vanilla", "round": 1, "policy": "ppo_vanilla",
+                                        "log": "ppo_vanilla", "steps": 2, "rm": "rm", "samples": "sft_samples/meta.jsonl",
+                                        "kl_anchor": "prev"}
+    assert layout["metarm/round1"]["policy"] == "metarm/round1/ppo" and layout["metarm/round1"]["rm"] == "metarm/round1/rm"
+    assert layout["oracle/round1"]["new_pairs"] == "oracle/round1/new_pairs.jsonl"
+    assert not os.path.exists(os.path.join(seed, "vanilla", "round1", "ppo"))
     res = first["res"]
     assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
+
+
+def test_the_record_of_later_rounds_names_vanilla_ppos_snapshots(tmp_path):
+    """iterate.sh's record and vanilla_ppo_after, run by bash as iterate.sh runs them, on a RUN_DIR
+    with quotes and spaces: with 3 rounds of 10 steps, the vanilla arm's round k < 3 is the
+    snapshot ppo.py writes after 10 k steps (<run>/step<N>) and round 3 its run's folder; each
+    line reads back through evaluate.read_layout."""
+    run_dir = str(tmp_path / "a 'b\" c")
+    os.makedirs(os.path.join(run_dir, "seed1"))
+    script = ('source <(sed -n "/^record() {/,/^}/p; /^vanilla_ppo_after() {/,/^}/p; /^fail() {/p" '
+              'iterate/scheduling.sh iterate.sh iterate/checks.sh); ROUNDS=3 PPO_STEPS=10; R="$RUN_DIR/seed1"; '
+              'for K in 1 2 3; do record 1 "vanilla/round$K" round=$K policy="$(vanilla_ppo_after "$R" $K)" kl_anchor=prev; done; '
+              '(record 1 bad policy="/elsewhere/x y") || echo refused')
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RUN_DIR": run_dir})
+    assert p.stdout == "refused\n" and "'/elsewhere/x y' (policy) is not a folder inside" in p.stderr, p.stderr
+    os.replace(os.path.join(run_dir, "seed1", "layout.jsonl.tmp"), os.path.join(run_dir, "seed1", "layout.jsonl"))
+    layout = evaluate.read_layout(os.path.join(run_dir, "seed1"))
+    assert [layout[f"vanilla/round{k}"]["policy"] for k in (1, 2, 3)] == [
+        os.path.join(run_dir, "seed1", p) for p in ("ppo_vanilla/step10", "ppo_vanilla/step20", "ppo_vanilla")]
+    assert layout["vanilla/round2"]["round"] == 2 and layout["vanilla/round2"]["kl_anchor"] == "prev"
 
 
 def eval_flags(micro):
@@ -264,14 +294,14 @@ def test_a_second_iterate_sh_on_the_same_run_dir_is_refused(first, micro):
 def test_a_deleted_done_redoes_its_stage_and_dependants_and_added_arms_run_alone(first, micro):
     """One stage's DONE deleted: that stage and the ones that depend on it are redone, and only
     those; two arms added on the same folder (the bilevel arm: its reward model once per seed,
-    support sets the SFT samples, then its rounds): only they run; the evaluation is redone."""
+    support sets the SFT samples, then its rounds; a vanilla arm, whose one round is vanilla PPO's):
+    only they run; the evaluation is redone."""
     run_dir = first["run_dir"]
     stamp = os.path.getmtime(os.path.join(run_dir, "seed1", "metarm", "round1", "rm", "DONE"))
     os.remove(os.path.join(run_dir, "seed1", "oracle", "round1", "rm", "DONE"))
     ran, skipped, _ = iterate(run_dir, micro, ARMS=ARMS + " vanilla+anchor=sft bilevel")
     assert sorted(ran) == sorted(["seed 1 oracle round 1: reward model on the original + new pairs",
-                                  "seed 1 oracle round 1: PPO from seed1/sft",
-                                  "seed 1 vanilla+anchor=sft round 1: PPO from seed1/sft", "seed 1: bilevel RM",
+                                  "seed 1 oracle round 1: PPO from seed1/sft", "seed 1: bilevel RM",
                                   "seed 1 bilevel round 1: PPO from seed1/sft", "seed 1: evaluate"])
     assert ran.index("seed 1 oracle round 1: PPO from seed1/sft") > ran.index(
         "seed 1 oracle round 1: reward model on the original + new pairs")

@@ -6,6 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tools import gradcheck
+import measure
 import metarm
 import reward_model as rm
 from conftest import batch, tiny_reward_model
@@ -28,19 +29,19 @@ def test_J_by_hand():
     s = torch.sigmoid
     want = (2 / 9 * (s(torch.tensor(1.0)) + s(torch.tensor(3.0)) + s(torch.tensor(2.0)))
             + 2 / 9 * (s(torch.tensor(0.5)) + s(torch.tensor(1.0)) + s(torch.tensor(1.5)))) / 2
-    assert metarm.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
+    assert measure.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
 
 
 def test_J_is_invariant_to_the_order_of_responses():
     r = torch.randn(4, 5, dtype=torch.float64)
     perm = torch.randperm(5)
-    assert metarm.difference_loss(r[:, perm]).item() == pytest.approx(metarm.difference_loss(r).item(), rel=1e-7)
+    assert measure.difference_loss(r[:, perm]).item() == pytest.approx(measure.difference_loss(r).item(), rel=1e-7)
 
 
 def test_J_for_two_responses_is_half_sigmoid_of_the_gap():
     r = torch.randn(6, 2, dtype=torch.float64)
     want = (torch.sigmoid((r[:, 0] - r[:, 1]).abs()) / 2).mean()
-    assert metarm.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
+    assert measure.difference_loss(r).item() == pytest.approx(want.item(), rel=1e-7)
 
 
 # --- the meta-gradients ---------------------------------------------------------------------

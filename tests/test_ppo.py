@@ -106,3 +106,18 @@ def test_short_run_raises_the_rm_score(micro, micro_sft, micro_rm, tmp_path):
         assert key in rows[-1], key
     assert run_folder.is_done(out) and run_folder.is_done(os.path.join(out, "step8"))
 
+
+
+def test_a_snapshot_is_the_shorter_run(micro, micro_sft, micro_rm, tmp_path):
+    """What iterate.sh relies on to run the vanilla arm's round 1 once: PPO for N steps saves, bit
+    for bit, the snapshot a longer run of the same seed writes after N steps (the learning rates
+    are constant, nothing depends on --steps but the stop)."""
+    common = ["--policy_dir", micro_sft, "--rm_dir", micro_rm, "--prompts", f"{micro['data']}/prompts_train.jsonl",
+              "--queries", "4", "--max_new_tokens", "8", "--seed", "101"]
+    ppo.main([*common, "--output_dir", str(tmp_path / "short"), "--steps", "2"])
+    ppo.main([*common, "--output_dir", str(tmp_path / "long"), "--steps", "3", "--snapshot_every", "2"])
+    with open(tmp_path / "short" / "model.safetensors", "rb") as f, \
+            open(tmp_path / "long" / "step2" / "model.safetensors", "rb") as g:
+        assert f.read() == g.read()
+    assert [r["objective/scores"] for r in metrics(str(tmp_path / "short"))] == \
+        [r["objective/scores"] for r in metrics(str(tmp_path / "long"))][:2]

@@ -1,36 +1,40 @@
-"""studies/pretrained_rm.py's statistics and its eta grid rule, against hand computations."""
+"""The study's statistics (significance.py: Student's t, the paired t-test, Holm) and its eta grid
+rule (studies/pretrained_rm.py), against hand computations."""
 import math
 import os
 import sys
 
 import pytest
 
+import significance
+from conftest import ROOT  # noqa: F401
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies"))
 import pretrained_rm as study  # noqa: E402
 
 
 def test_t_cdf_against_closed_forms():
-    assert study.t_cdf(1.0, 1) == pytest.approx(0.5 + math.atan(1.0) / math.pi, abs=1e-9)  # Cauchy
+    assert significance.t_cdf(1.0, 1) == pytest.approx(0.5 + math.atan(1.0) / math.pi, abs=1e-9)  # Cauchy
     for t in (-2.0, 0.3, 3.873):  # df = 3: 1/2 + (u / (1 + u^2) + atan u) / pi with u = t / sqrt 3
         u = t / math.sqrt(3)
-        assert study.t_cdf(t, 3) == pytest.approx(0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi, abs=1e-9)
-    assert study.t_cdf(2.364624, 7) == pytest.approx(0.975, abs=1e-6)  # the tabled t_{0.975, 7}
+        assert significance.t_cdf(t, 3) == pytest.approx(0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi, abs=1e-9)
+    assert significance.t_cdf(2.364624, 7) == pytest.approx(0.975, abs=1e-6)  # the tabled t_{0.975, 7}
 
 
 def test_paired_t_by_hand():
-    r = study.paired_t([1.0, 2.0, 3.0, 4.0])
+    r = significance.paired_t([1.0, 2.0, 3.0, 4.0])
     se = math.sqrt(5 / 3) / 2  # sd of 1..4 is sqrt(5/3)
     u = (2.5 / se) / math.sqrt(3)
     assert r["mean"] == 2.5 and r["se"] == pytest.approx(se)
     assert r["p"] == pytest.approx(2 * (0.5 - (u / (1 + u * u) + math.atan(u)) / math.pi), abs=1e-9)
     assert r["lo"] == pytest.approx(2.5 - 3.182446 * se, abs=1e-5)  # t_{0.975, 3} = 3.1824
-    assert study.paired_t([0.0, 0.0, 0.0])["p"] == 1.0
+    assert significance.paired_t([0.0, 0.0, 0.0])["p"] == 1.0
 
 
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
-    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert study.holm([0.5, 0.9]) == [1.0, 1.0]
+    assert significance.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert significance.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def diagnostic(slope, noise=2.0):
