@@ -152,18 +152,10 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
           --steps "$PPO_STEPS" --seed "$((SEED * 100 + K))" ${PPO_ARGS:-}
       POLICY="$D/ppo" LOG="$D/ppo"
     fi
-    EXTRA=()
-    [ "$B" != oracle ] || EXTRA=(new_pairs="$D/new_pairs.jsonl")
+    EXTRA=() && [ "$B" != oracle ] || EXTRA=(new_pairs="$D/new_pairs.jsonl")
     record "$SEED" "$A/round$K" arm="$A" round="$K" policy="$POLICY" log="$LOG" steps="$PPO_STEPS" rm="$RM" \
       samples="$META" kl_anchor="$ANCHOR" "${EXTRA[@]}"
   done
-}
-
-metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METARM_ARGS: they win)
-  local f=""
-  [ "$(arm_mod "$1" eta "")" = "" ] || f="--eta $(arm_mod "$1" eta "")"
-  [ "$(arm_mod "$1" deploy "")" = "" ] || f="$f --deploy $(arm_mod "$1" deploy "")"
-  echo "$f"
 }
 
 run_seed() {  # every stage of one seed, then its evaluation
@@ -249,7 +241,7 @@ vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with 
       log="$R/ppo_vanilla" steps="$((K * PPO_STEPS))" rm="$R/rm"
   done
 }
-vanilla_ppo_after() {  # vanilla_ppo_after SEED_DIR K: the policy after K rounds' worth of vanilla PPO steps
+vanilla_ppo_after() {  # vanilla_ppo_after SEED_DIR K: the policy after K rounds' worth of steps (ppo.py's snapshots)
   if [ "$2" = "$ROUNDS" ]; then echo "$1/ppo_vanilla"; else echo "$1/ppo_vanilla/step$(($2 * PPO_STEPS))"; fi
 }
 arm() {  # arm SEED A: DPO's one stage, or the arm's rounds

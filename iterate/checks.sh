@@ -27,6 +27,12 @@ arm_mod() {  # arm_mod ARM KEY DEFAULT: the value of +KEY=value in the arm's nam
   fi
   echo "$3"
 }
+metarm_flags() {  # the arm's +eta= and +deploy= as metarm.py flags (after METARM_ARGS: they win)
+  local f=""
+  [ "$(arm_mod "$1" eta "")" = "" ] || f="--eta $(arm_mod "$1" eta "")"
+  [ "$(arm_mod "$1" deploy "")" = "" ] || f="$f --deploy $(arm_mod "$1" deploy "")"
+  echo "$f"
+}
 for A in $ARMS; do
   B=$(arm_base "$A")
   case "$B" in metarm|vanilla|oracle|dpo|bilevel) ;; *) fail "ARMS: unknown arm '$B' in '$A' (metarm, vanilla, oracle, dpo, bilevel)";; esac
