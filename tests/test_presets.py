@@ -96,10 +96,14 @@ def small_model(micro, tmp_path_factory):
 
 
 def rehearse(preset, files, small_model, judge, tmp_path, nproc):
+    """iterate.sh with the preset's own settings, one round of one PPO step, smaller only in counts
+    that change no length and no path: PPO's 2 queries (x the preset's 16 roll-outs; it has 8) and
+    16 prompts of meta data (x 5 samples: one MetaRM meta batch; it has every training prompt)."""
+    ppo_args = preset_settings(preset, "PPO_ARGS")["PPO_ARGS"] + " --queries 2"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRESET": preset, "RUN_DIR": str(tmp_path / "run"),
            "MODEL": small_model, "JUDGE": judge, "NPROC": str(nproc), "ROUNDS": "1", "PPO_STEPS": "1",
-           "ARMS": "metarm", **files}  # the vanilla arm's PPO is vanilla PPO's (test_iterate.py)
-    for v in ("SFT_ARGS", "RM_ARGS", "METARM_ARGS", "PPO_ARGS", "SAMPLE_ARGS", "EVAL_ARGS", "META_N", "DIST"):
+           "ARMS": "metarm", "PPO_ARGS": ppo_args, "META_N": "16", **files}  # the vanilla arm's round 1 is vanilla PPO's
+    for v in ("SFT_ARGS", "RM_ARGS", "METARM_ARGS", "SAMPLE_ARGS", "EVAL_ARGS", "DIST"):
         env.pop(v, None)  # the preset's own
     p = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
