@@ -18,7 +18,9 @@ pi_1 are shared. Per seed:
     python studies/pretrained_rm.py ratios --diagnostic docs/metastep-smollm2.json   # the eta grid
 
 `run` is resumable: each stage skips what its DONE says is done, each measurement is written
-under a temporary name and renamed, so a killed run picks up where it stopped. `report` prints
+under a temporary name and renamed, and an arm whose measurement exists is not trained again (the
+measurements, committed in docs/study-pretrained-rm/, are the results; copied into --out_dir they
+let a run go on where another machine stopped), so a killed run picks up where it stopped. `report` prints
 the table: per arm the mean over seeds of each metric, and MetaRM minus vanilla paired on the
 seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustment across the
 eta values (primary endpoint: gold agreement on H; significance.py holds the tests).
@@ -77,12 +79,15 @@ def measure(rm_dir, samples, out):
 def run_seed(out_dir, seed, ratios):
     d = os.path.join(out_dir, f"seed{seed}")
     S, H = f"{d}/S", f"{d}/H"
+    todo = [r for r in [None, *ratios] if not os.path.exists(f"{d}/measure/{arm_name(r)}.json")]
+    if not todo:  # every arm measured (the measurements are the results; the RM folders may be gone)
+        return
     stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_train.jsonl", "--max_prompts", "64",
           "--seed", str(100 * seed + 1), "--output_dir", S, *SAMPLE_ARGS)
     stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_test.jsonl", "--max_prompts", "96",
           "--seed", str(100 * seed + 2), "--output_dir", H, *SAMPLE_ARGS)
     os.makedirs(f"{d}/measure", exist_ok=True)
-    for ratio in [None, *ratios]:
+    for ratio in todo:
         rm = f"{d}/{arm_name(ratio)}"
         common = ["--sft_dir", SFT, "--data", f"{DATA}/pairs_train.jsonl", "--eval_data", f"{DATA}/pairs_test.jsonl",
                   "--output_dir", rm, "--seed", str(seed), *RM_ARGS]
