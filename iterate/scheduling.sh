@@ -17,6 +17,11 @@ SHARE=1  # a seed's share of the cores (CPU): the threads of a stage that runs a
 [ "$NGPU" -gt 0 ] || SHARE=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / (${JOBS:-1} * NPROC) ))
 [ "$SHARE" -ge 1 ] || SHARE=1
 LANES=${LANES:-$SHARE}  # with GPUs, one stage at a time (at 7B two do not fit)
+# A stage gets 1 thread or the seed's share depending on which branch happens to end last (threads
+# below), so its numbers must not depend on its threads. MKL, PyTorch's CPU BLAS, splits a long
+# inner product over the threads (a score head's weight gradient, [1, B*T] x [B*T, hidden], came
+# out otherwise with 1 and 2 threads on an Intel Xeon); its strict reproducible mode does not.
+export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 
 # One process: plain python (torchrun's own start and rendezvous cost about 2 s a stage, for
 # nothing with one process); more: torchrun.

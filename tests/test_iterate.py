@@ -166,6 +166,19 @@ def test_the_record_names_each_policy_and_the_vanilla_round_one_is_vanilla_ppo(f
     assert res["judge_mean"]["vanilla/round1"]["mean"] == res["judge_mean"]["vanilla_ppo/step2"]["mean"]
 
 
+def test_a_product_gives_the_same_bits_with_one_or_two_threads():
+    """Under the MKL mode iterate.sh exports (iterate/scheduling.sh), the matrix product whose sum
+    MKL otherwise splits over the threads - a score head's weight gradient, [1, K] x [K, hidden] -
+    gives the same bits with 1 and 2 threads: a stage's numbers do not depend on whether it ran
+    beside another branch or alone."""
+    code = ("import hashlib, sys, torch; torch.manual_seed(0); g, h = torch.randn(1, 8192), torch.randn(8192, 128); "
+            "torch.set_num_threads(int(sys.argv[1])); print(hashlib.sha256((g @ h).numpy().tobytes()).hexdigest())")
+    script = f'source <(grep "^export MKL_CBWR" iterate/scheduling.sh); python -c {shlex.quote(code)} "$0"'
+    out = [subprocess.run(["bash", "-c", script, n], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+           for n in ("1", "2")]
+    assert out[0] == out[1] and len(out[0]) == 65
+
+
 def test_the_record_of_later_rounds_names_vanilla_ppos_snapshots(tmp_path):
     """iterate.sh's record and vanilla_ppo_after, run by bash as iterate.sh runs them, on a RUN_DIR
     with quotes and spaces: with 3 rounds of 10 steps, the vanilla arm's round k < 3 is the
