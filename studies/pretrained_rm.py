@@ -26,9 +26,11 @@ seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustm
 eta values (primary endpoint: gold agreement on H; significance.py holds the tests).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -62,13 +64,27 @@ def stage(script, *argv):
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def measure(rm_dir, samples, out):
+def build():
+    """Which SFT model and pi_1 this checkout holds: they are rebuilt by the same commands on each
+    machine, and are the same bits only on the same kind of CPU. A seed's arms share one build."""
+    def digest(folder):
+        h = hashlib.sha256()
+        with open(os.path.join(ROOT, folder, "model.safetensors"), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"sft": digest(SFT), "pi_1": digest(PI_1), "cpu": cpu}
+
+
+def measure(rm_dir, samples, out, this_build):
     if os.path.exists(out):
         return
     p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--measure", rm_dir, "--samples", samples,
                         "--pairs", f"{DATA}/pairs_test.jsonl"], cwd=ROOT, check=True, capture_output=True, text=True)
     start = p.stdout.index("{\n")  # the JSON evaluate.py prints last
-    result = json.loads(p.stdout[start:])
+    result = {**json.loads(p.stdout[start:]), "build": this_build}
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(out + ".tmp", out)
@@ -76,12 +92,27 @@ def measure(rm_dir, samples, out):
           flush=True)
 
 
-def run_seed(out_dir, seed, ratios):
+def build_of(path):
+    with open(path) as f:
+        return json.load(f).get("build")  # None: measured before builds were recorded (seeds 1-3, docs)
+
+
+def run_seed(out_dir, seed, ratios, this_build):
+    """Every arm of one seed measured, all on one build of the SFT model and pi_1 (the pairing):
+    a seed measured whole on one build is done; in a seed left part-way on another build, what
+    was measured there is moved to measure/superseded/ and measured again on this one."""
     d = os.path.join(out_dir, f"seed{seed}")
     S, H = f"{d}/S", f"{d}/H"
-    todo = [r for r in [None, *ratios] if not os.path.exists(f"{d}/measure/{arm_name(r)}.json")]
-    if not todo:  # every arm measured (the measurements are the results; the RM folders may be gone)
-        return
+    files = {r: f"{d}/measure/{arm_name(r)}.json" for r in [None, *ratios]}
+    builds = [build_of(f) for f in files.values() if os.path.exists(f)]
+    if len(builds) == len(files) and all(b == builds[0] for b in builds):
+        return  # every arm measured on one build (the measurements are the results; the RM folders may be gone)
+    for r, f in files.items():
+        if os.path.exists(f) and build_of(f) != this_build:
+            os.makedirs(f"{d}/measure/superseded", exist_ok=True)
+            os.replace(f, f"{d}/measure/superseded/{arm_name(r)}.json")
+            print(f"  {f}: measured on another build of SFT and pi_1, measured again on this one", flush=True)
+    todo = [r for r, f in files.items() if not os.path.exists(f)]
     stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_train.jsonl", "--max_prompts", "64",
           "--seed", str(100 * seed + 1), "--output_dir", S, *SAMPLE_ARGS)
     stage("sample.py", "--policy_dir", PI_1, "--prompts", f"{DATA}/prompts_test.jsonl", "--max_prompts", "96",
@@ -95,7 +126,7 @@ def run_seed(out_dir, seed, ratios):
             stage("reward_model.py", *common)
         else:
             stage("metarm.py", *common, *META_ARGS, "--meta_data", f"{S}/meta.jsonl", "--eta", f"{ratio * ALPHA:g}")
-        measure(rm, f"{H}/meta.jsonl", f"{d}/measure/{arm_name(ratio)}.json")
+        measure(rm, f"{H}/meta.jsonl", files[ratio], this_build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +207,10 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split()]
     ratios = [float(r) for r in args.ratios.split()]
     if args.mode == "run":
+        this_build = build()
+        print(f"build: {this_build}", flush=True)
         for s in seeds:
-            run_seed(args.out_dir, s, ratios)
+            run_seed(args.out_dir, s, ratios, this_build)
     else:
         res, text = report(args.out_dir, seeds, ratios)
         name = os.path.join(args.out_dir, "report-seeds" + "-".join(map(str, seeds)))

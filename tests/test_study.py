@@ -48,3 +48,26 @@ def test_ratios_for_a_linear_change():
     assert study.ratios_for(diagnostic(2e-4)) == [100, 1000, 10000]
     assert study.ratios_for(diagnostic(6e-4)) == [30, 300, 3000]  # 33.3 -> one digit
     assert study.ratios_for(diagnostic(2e-7)) == [1e5, 1e6, 1e7]  # beyond the grid: extrapolated
+
+
+def test_a_seed_is_measured_whole_on_one_build(tmp_path, monkeypatch):
+    """A seed measured whole on one build of SFT and pi_1 (even an unrecorded one) is left alone; a
+    seed left part-way on another build has those measurements moved aside and every arm measured
+    again on this one, so that its arms stay paired on one build."""
+    import json
+    trained = []
+    monkeypatch.setattr(study, "stage", lambda script, *argv: trained.append(argv[argv.index("--output_dir") + 1]))
+    monkeypatch.setattr(study, "measure", lambda rm, samples, out, b: open(out, "w").write(json.dumps({"build": b})))
+
+    def seed(name, arms):
+        (tmp_path / name / "measure").mkdir(parents=True)
+        for arm, b in arms.items():
+            (tmp_path / name / "measure" / f"{arm}.json").write_text(json.dumps({"x": 1, **({"build": b} if b else {})}))
+    seed("seed1", {"vanilla": None, "eta1": None})   # whole, before builds were recorded
+    seed("seed2", {"vanilla": "B", "eta1": None})    # part-way, on two builds
+    for s in (1, 2):
+        study.run_seed(str(tmp_path), s, [1.0], "B")
+    assert [os.path.basename(t) for t in trained] == ["S", "H", "eta1"]  # seed 2's eta1 only
+    assert sorted(os.listdir(tmp_path / "seed2" / "measure" / "superseded")) == ["eta1.json"]
+    assert study.build_of(str(tmp_path / "seed2" / "measure" / "eta1.json")) == "B"
+    assert not os.path.exists(tmp_path / "seed1" / "measure" / "superseded")
