@@ -172,7 +172,15 @@ def report(out_dir, seeds, ratios):
         for a, adj in zip(tests, holm([t["p"] for t in tests.values()])):
             tests[a]["p_holm"] = adj
         res["diffs"][m] = tests
-    lines = [f"seeds {' '.join(map(str, seeds))} ({len(seeds)}); alpha {ALPHA:g}; mean [95% t-interval over seeds]", "",
+    by_build = {}  # the build of SFT and pi_1 each seed was measured on (its vanilla arm's, as every arm's)
+    for s in seeds:
+        b = values["vanilla", s].get("build")
+        by_build.setdefault(json.dumps(b), []).append(s)
+    res["builds"] = {" ".join(map(str, ss)): json.loads(b) for b, ss in by_build.items()}
+    lines = [f"seeds {' '.join(map(str, seeds))} ({len(seeds)}); alpha {ALPHA:g}; mean [95% t-interval over seeds]",
+             "builds of SFT and pi_1: " + "; ".join(
+                 f"seeds {ss}: " + (f"sft {b['sft']}, pi_1 {b['pi_1']} ({b['cpu']})" if b else "not recorded (the first machine)")
+                 for ss, b in res["builds"].items()), "",
              "| arm | eta | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for ratio in [None, *ratios]:
         a = arm_name(ratio)
