@@ -13,6 +13,7 @@ pi_1 are shared. Per seed:
     eta<r>       metarm.py        --seed s --meta_data S_s --eta r * alpha   (first_order)
     measure      evaluate.py --measure <RM> --samples H_s --pairs <held-out pairs>
 
+    python studies/pretrained_rm.py prepare                                  # the shared SFT model and pi_1
     python studies/pretrained_rm.py run    --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
     python studies/pretrained_rm.py report --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
     python studies/pretrained_rm.py ratios --diagnostic docs/metastep-smollm2.json   # the eta grid
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -58,10 +60,45 @@ def arm_name(ratio):
 # ---------------------------------------------------------------------------------------------
 # Running: one seed's samples, RMs and measurements, each step skipped when done
 # ---------------------------------------------------------------------------------------------
-def stage(script, *argv):
+def stage(script, *argv, threads=None):
     cmd = [sys.executable, os.path.join(ROOT, script), *argv]
     print("+", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+
+
+def preset(*names):
+    """The smollm2 preset's settings (presets/smollm2.sh), as iterate.sh would read them."""
+    show = "; ".join(f'printf "%s\\n" "${n}"' for n in names)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_ARGS")}
+    p = subprocess.run(["bash", "-c", f"source presets/smollm2.sh; {show}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=True)
+    return [v.split() for v in p.stdout.split("\n")[:len(names)]]
+
+
+def prepare(out_dir):
+    """The shared SFT model and pi_1 of a new checkout: the stages PRESET=smollm2 bash iterate.sh
+    runs for seed 1 up to vanilla PPO (the task and its base folder, SFT, the vanilla RM, 20 vanilla
+    PPO steps), each with the threads it had there and skipped when done; then the measurements
+    committed in docs/study-pretrained-rm/ copied into out_dir, so that `run` goes on from them."""
+    task_args, sft_args, rm_args, ppo_args = preset("TASK_ARGS", "SFT_ARGS", "RM_ARGS", "PPO_ARGS")
+    if not os.path.exists(os.path.join(ROOT, BASE, "task", "DONE")):
+        stage("task.py", "--out_dir", f"{BASE}/task", *task_args, threads=2)
+    r = f"{BASE}/seed1"
+    stage("sft.py", "--strategy", "ddp", "--model_name_or_path", f"{BASE}/task/base_model", "--data", f"{DATA}/sft.jsonl",
+          "--output_dir", SFT, "--seed", "1", *sft_args, threads=2)
+    stage("reward_model.py", "--strategy", "ddp", "--sft_dir", SFT, "--data", f"{DATA}/pairs_train.jsonl",
+          "--eval_data", f"{DATA}/pairs_test.jsonl", "--output_dir", f"{r}/rm", "--seed", "1", *rm_args, threads=1)
+    stage("ppo.py", "--strategy", "ddp", "--policy_dir", SFT, "--rm_dir", f"{r}/rm", "--prompts", f"{DATA}/prompts_train.jsonl",
+          "--output_dir", PI_1, "--steps", "20", "--snapshot_every", "10", "--seed", "101", *ppo_args, threads=1)
+    committed = os.path.join(ROOT, "docs", "study-pretrained-rm")
+    for folder, _, files in os.walk(committed):
+        for name in files:
+            dst = os.path.join(out_dir, os.path.relpath(os.path.join(folder, name), committed))
+            if name.endswith(".json") and not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(os.path.join(folder, name), dst)
+    print(f"build: {build()}")
 
 
 def build():
@@ -202,7 +239,7 @@ def ci(x, digits):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["run", "report", "ratios"])
+    p.add_argument("mode", choices=["prepare", "run", "report", "ratios"])
     p.add_argument("--seeds", default="1 2 3 4 5 6 7 8")
     p.add_argument("--ratios", default="", help="eta / alpha of the MetaRM arms, space separated")
     p.add_argument("--out_dir", default="runs/study-pretrained-rm")
@@ -211,6 +248,9 @@ def main(argv=None):
     if args.mode == "ratios":
         with open(args.diagnostic) as f:
             print(" ".join(f"{r:g}" for r in ratios_for(json.load(f))))
+        return
+    if args.mode == "prepare":
+        prepare(args.out_dir)
         return
     seeds = [int(s) for s in args.seeds.split()]
     ratios = [float(r) for r in args.ratios.split()]
