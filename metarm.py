@@ -5,6 +5,7 @@ preference pairs by the paper's Eq. 1, as in reward_model.py,
 
 r_theta is a Hugging Face sequence-classification model with one label, initialised from the SFT
 folder and read at the last real (non-pad) token of prompt + response (modeling.rewards).
+
 But every step first adapts it, by one plain gradient-ascent step, to tell apart the responses
 of the *current* policy (no labels needed), and takes its loss there. Step t (the paper's names):
   2. X_t: n preference pairs (x, y_w, y_l) from D        3. X_s: m prompts x k responses from S
@@ -18,8 +19,8 @@ the inner gradient), first_order (the authors'; works sharded), taylor (Eq. 7-8)
     torchrun --nproc_per_node 2 metarm.py                   # the same with DDP (gloo on CPU)
     torchrun --nproc_per_node 8 metarm.py --strategy fsdp --sft_dir runs/7b/sft \\
         --data Anthropic/hh-rlhf --eval_data Anthropic/hh-rlhf:test --lr 5e-6 \\
-        --meta_data runs/7b/round1/samples/meta.jsonl --meta_grad first_order --eta 5e-6 \\
-        --global_batch 16 --meta_batch 16 --max_len 512 --truncate true --skip_bad_rows true \\
+        --meta_data runs/7b/round1/samples/meta.jsonl --meta_batch 16 --meta_grad first_order --eta 5e-6 \\
+        --global_batch 16 --max_len 512 --truncate true --skip_bad_rows true \\
         --gradient_checkpointing true --output_dir runs/7b/round1/rm   # the paper's settings (7B)
 """
 import contextlib
@@ -50,8 +51,8 @@ class Args:
     output_dir: str = arg("runs/default/seed1/metarm/round1/rm", "run folder (a save_pretrained reward model when done)")
     meta_grad: str = arg("first_order", "which gradient of L(theta') updates theta", ["exact", "first_order", "taylor"])
     eta: float = arg(5e-4, "eta, the meta-process ascent step: the paper's eta = alpha (5e-6 at 7B); docs/stages.md: the eta study", check=">= 0")
-    lr: float = arg(5e-4, "alpha: peak learning rate of AdamW (paper: 5e-6 at 7B)", check="> 0")
     epochs: float = arg(1.0, "passes over the preference pairs (paper: 1)", check="> 0")
+    lr: float = arg(5e-4, "alpha: peak learning rate of AdamW (paper: 5e-6 at 7B)", check="> 0")
     warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
     global_batch: int = arg(32, "n: preference pairs per step, over all processes (paper: 16)", check="> 0")
@@ -64,7 +65,7 @@ class Args:
     eval_every: int = arg(50, "held-out accuracy and J on the meta data every this many steps", check="> 0")
     seed: int = arg(1, "seed for the score head and the data order", check=">= 0")
     save_every: int = arg(50, "checkpoint every this many steps", check="> 0")
-    strategy: str = arg("ddp", "multi-process wrapping (fsdp: first_order only)", ["ddp", "fsdp"])
+    strategy: str = arg("ddp", "multi-process wrapping", ["ddp", "fsdp"])
     precision: str = arg("auto", distributed.PRECISION_HELP, ["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (first_order only)")
     deploy: str = arg("theta", "which RM to save: 'theta' = Algorithm 1's last line, theta itself; 'adapted' = "
@@ -80,16 +81,16 @@ def pair_loss(r_w, r_l):
     return -F.logsigmoid(r_w - r_l)
 
 
-# ---------------------------------------------------------------------------------------------
-# The meta-step. X_t: n chosen rows then n rejected; X_s: m*k rows, a prompt's k responses together
-# ---------------------------------------------------------------------------------------------
 def L(model, X_t, params=None):
-    """Eq. 1 on a batch of pairs, averaged."""
+    """Eq. 1 on a batch of pairs X_t (n chosen rows, then the n rejected), averaged."""
     r = modeling.rewards(model, *X_t, params)
     n = len(r) // 2
     return pair_loss(r[:n], r[n:]).mean()
 
 
+# ---------------------------------------------------------------------------------------------
+# The meta-step. X_s: m*k rows, a prompt's k responses together
+# ---------------------------------------------------------------------------------------------
 def J(model, X_s, k, params=None):
     """Eq. 2 on a meta batch of m prompts x k responses: J = 2/k^2 sum_{i<j} sigmoid(|r_i - r_j|),
     mean over prompts (measure.difference_loss: the reports measure every RM's J with it too)."""
@@ -103,10 +104,9 @@ def ascend(theta, grad_J, eta):
 
 
 def meta_gradient(model, X_t, X_s, k, eta, mode):
-    """The MetaRM gradient for the trainable parameters theta of `model` (a reward model mapping
-    (input_ids, attention_mask) to per-token scores, or its DDP / FSDP2 wrapper), which are left
-    exactly as they were. X_t: pairs; X_s: m*k rows; mode: "exact", "first_order" or "taylor".
-    Returns (grad, info): grad, one tensor per trainable parameter in model.parameters() order;
+    """The MetaRM gradient for the trainable parameters theta of `model` (a reward model, or its DDP /
+    FSDP2 wrapper), left exactly as they were. X_t: pairs; X_s: m*k rows; mode: "exact", "first_order"
+    or "taylor". Returns (grad, info): grad, one tensor per trainable parameter (parameters() order);
     info: J = J(theta), grad_J, and L and grad_L where the form evaluates L (theta', or theta for
     taylor). Under DDP each process passes its share of both batches and gets the gradient of the
     global batches: grad J is averaged over processes before theta' is formed."""
@@ -170,14 +170,6 @@ def ascended(model, grad_J, eta):
         distributed.copy_(theta, backup)
 
 
-def refuse_unsupported(args, d):
-    if args.meta_grad != "first_order" and (args.gradient_checkpointing or d.world > 1 and d.strategy == "fsdp"):
-        raise cli.UserError(
-            f"--meta_grad {args.meta_grad} back-propagates through grad J: FSDP2 frees the gathered weights "
-            "after backward, and gradient checkpointing recomputes with theta, not theta' (silently wrong "
-            "gradients). Use --meta_grad first_order (what the authors ran at 7B), or --strategy ddp")
-
-
 def adapt(model, samples, pad_id, args, d):
     """--deploy adapted: theta <- theta + eta grad J(theta; S), in place, with grad J averaged over
     all of S (every process takes its share of each global meta batch, as in training)."""
@@ -198,7 +190,11 @@ def adapt(model, samples, pad_id, args, d):
 # ---------------------------------------------------------------------------------------------
 def train(args):
     d = distributed.init_distributed(args.strategy, args.precision, args.sft_dir)
-    refuse_unsupported(args, d)
+    if args.meta_grad != "first_order" and (args.gradient_checkpointing or d.world > 1 and d.strategy == "fsdp"):
+        raise cli.UserError(
+            f"--meta_grad {args.meta_grad} back-propagates through grad J: FSDP2 frees the gathered weights "
+            "after backward, and gradient checkpointing recomputes with theta, not theta' (silently wrong "
+            "gradients). Use --meta_grad first_order (what the authors ran at 7B), or --strategy ddp")
     cli.set_seed(args.seed)
     run = run_folder.Run.open(args.output_dir, args, d, "metarm")
     if run is None:  # done, with these settings
@@ -225,12 +221,10 @@ def train(args):
     warmup = int(args.warmup * len(examples) / args.global_batch)
     state = run.load_checkpoint({"model": (model, opt)})
     start = state["step"] if state else 0
-    d.print(f"metarm ({args.meta_grad}, eta={args.eta}): {len(examples)} pairs, {len(meta)} meta "
-            f"prompts x {len(meta[0][1])} responses, {total} steps")
+    d.print(f"metarm ({args.meta_grad}, eta={args.eta}): {len(examples)} pairs, {len(meta)} meta prompts, {total} steps")
 
     def evaluate(step, final=False):
-        """Held-out accuracy and margin, and J on the meta data; final=True adds the |dr|
-        statistics and gold agreement."""
+        """Held-out accuracy and margin, J on the meta data; final=True adds |dr| and gold agreement."""
         model.eval()
         out = measure.preference_accuracy(model, eval_examples, tok.pad_token_id, d)
         r = measure.score_samples(model, samples, tok.pad_token_id, d)

@@ -10,8 +10,8 @@ metarm.py is this file plus Algorithm 1's meta-step: `diff reward_model.py metar
     torchrun --nproc_per_node 2 reward_model.py             # the same with DDP (gloo on CPU)
     torchrun --nproc_per_node 8 reward_model.py --strategy fsdp --sft_dir runs/7b/sft \\
         --data Anthropic/hh-rlhf --eval_data Anthropic/hh-rlhf:test --lr 5e-6 \\
-        --global_batch 16 --micro_batch 2 --max_len 512 --truncate true --skip_bad_rows true \\
-        --output_dir runs/7b/rm                                    # the paper's settings (7B)
+        --global_batch 16 --max_len 512 --truncate true --skip_bad_rows true \\
+        --gradient_checkpointing true --output_dir runs/7b/rm      # the paper's settings (7B)
 """
 import dataclasses
 
@@ -36,11 +36,10 @@ class Args:
     eval_data: str = arg("runs/default/task/data/pairs_test.jsonl", "held-out preference pairs")
     output_dir: str = arg("runs/default/seed1/rm", "run folder (a save_pretrained reward model when done)")
     epochs: float = arg(1.0, "passes over the preference pairs (paper: 1)", check="> 0")
-    lr: float = arg(5e-4, "peak learning rate of AdamW (paper: 5e-6 at 7B)", check="> 0")
+    lr: float = arg(5e-4, "alpha: peak learning rate of AdamW (paper: 5e-6 at 7B)", check="> 0")
     warmup: float = arg(0.1, "linear warm-up in epochs, then linear decay to zero", check=">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", check=">= 0")
     global_batch: int = arg(32, "n: preference pairs per step, over all processes (paper: 16)", check="> 0")
-    micro_batch: int = arg(0, "pairs per forward pass on one process (0: all of its share)", check=">= 0")
     max_len: int = arg(128, "maximum prompt + response tokens", check="> 0")
     truncate: bool = arg(False, "cut rows longer than max_len (counted) instead of stopping")
     skip_bad_rows: bool = arg(False, "skip malformed rows (counted and reported) instead of stopping")
@@ -60,6 +59,13 @@ class Args:
 def pair_loss(r_w, r_l):
     """Eq. 1 per pair: -log sigmoid(r(x, y_w) - r(x, y_l))."""
     return -F.logsigmoid(r_w - r_l)
+
+
+def L(model, X_t):
+    """Eq. 1 on a batch of pairs X_t (n chosen rows, then the n rejected), averaged."""
+    r = modeling.rewards(model, *X_t)
+    n = len(r) // 2
+    return pair_loss(r[:n], r[n:]).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,25 +112,17 @@ def train(args):
     model.train()
     for step in cli.progress(range(start, total), d, initial=start, total=total, desc="rm"):
         mine = [examples[i] for i in training.batch_indices(len(examples), args.global_batch, step, args.seed, d)]
-        chunks = training.micro_batches(mine, args.micro_batch)
-        L_sum = right = 0.0
-        for j, chunk in enumerate(chunks):
-            X_t = data.pair_batch(chunk, tok.pad_token_id, d.device)
-            with distributed.grad_sync(model, j == len(chunks) - 1), distributed.autocast(d):
-                r = modeling.rewards(model, *X_t)
-                r_w, r_l = r[:len(chunk)], r[len(chunk):]
-                L_chunk = pair_loss(r_w, r_l).sum()
-                (L_chunk * d.world / args.global_batch).backward()
-            L_sum += L_chunk.item()
-            right += (r_w > r_l).float().sum().item()
+        X_t = data.pair_batch(mine, tok.pad_token_id, d.device)
+        with distributed.autocast(d):
+            L_value = L(model, X_t)
+            L_value.backward()
         grad_norm = training.clip_grad_norm(model, args.max_grad_norm)
-        L_value = distributed.all_sum(L_sum) / args.global_batch
+        L_value = distributed.mean_over_processes(L_value.detach())
         run.stop_unless_finite(step, **{"train/L": L_value, "train/grad_norm": grad_norm})
         lr = training.set_lr(opt, args.lr, step, total, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log(step + 1, {"train/L": L_value, "train/accuracy": distributed.all_sum(right) / args.global_batch,
-                           "train/grad_norm": grad_norm, "train/lr": lr})
+        run.log(step + 1, {"train/L": L_value, "train/grad_norm": grad_norm, "train/lr": lr})
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             evaluate(step + 1)
         if (step + 1) % args.save_every == 0 and step + 1 < total:

@@ -1,5 +1,5 @@
-"""reward_model.py: Eq. 1 (metarm.L, the same loss: test_metarm checks the two stages agree bit
-for bit at eta = 0) by hand and by finite differences, the reward read at the last real token
+"""reward_model.py: Eq. 1 (its L, and metarm.L: test_metarm checks the two stages agree bit for
+bit at eta = 0) by hand and by finite differences, the reward read at the last real token
 whatever the padding, training, bad input."""
 import json
 import math
@@ -18,11 +18,12 @@ from conftest import assert_cli_error, metrics
 from conftest import VOCAB, batch, clear_pairs, tiny_reward_model
 
 
-def test_loss_by_hand():
+@pytest.mark.parametrize("L", [rm.L, metarm.L], ids=["reward_model", "metarm"])
+def test_loss_by_hand(L):
     r = torch.tensor([1.0, 0.2, -0.3, 0.5, 0.7, -0.3])  # r(y_w) of 3 pairs, then r(y_l)
     X_t = (torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1, dtype=torch.long))
     want = (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5)) + math.log(2)) / 3
-    assert metarm.L(lambda ids, mask: r[:, None], X_t).item() == pytest.approx(want, rel=1e-6)
+    assert L(lambda ids, mask: r[:, None], X_t).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_loss_gradient_matches_finite_difference():
@@ -30,7 +31,7 @@ def test_loss_gradient_matches_finite_difference():
     ids, mask = batch(8, seed=5)  # 4 chosen rows then 4 rejected rows
 
     def loss():
-        return metarm.L(model, (ids, mask))
+        return rm.L(model, (ids, mask))
     params = list(model.parameters())
     grads = torch.autograd.grad(loss(), params)
     v = [torch.randn_like(p) for p in params]
