@@ -106,16 +106,105 @@ source iterate/scheduling.sh  # how stages run: stage, launch, branches and seed
 source iterate/checks.sh      # every choice checked, then RUN_DIR locked and its settings recorded
 
 # ---- the experiment --------------------------------------------------------------------------
-oracle_labels() {  # oracle_labels FOLDER META SEED: the task's annotator labels the samples; + the pairs
-  mkdir -p "$1" && python task.py --label "$2" --out "$1/new_pairs.jsonl" --pairs "$ORACLE_PAIRS" --seed "$3" \
-    && cat "$PAIRS" "$1/new_pairs.jsonl" > "$1/pairs.jsonl.tmp" && mv "$1/pairs.jsonl.tmp" "$1/pairs.jsonl"
+# 1. the embedded task (data + tiny model), built once, when a model or data file of this run is in it
+T_START=$SECONDS
+NEED_TASK=0
+for F in "$MODEL" "$SFT_DATA" "$PAIRS" "$EVAL_PAIRS" "$PROMPTS" "$TEST_PROMPTS" "$ID_PROMPTS"; do
+  [[ "$F" != "$RUN_DIR/task/"* ]] || NEED_TASK=1
+done
+if [ "$NEED_TASK" = 1 ]; then
+  stage "task" "$RUN_DIR/task" "$RUN_DIR/task/DONE" python task.py --out_dir "$RUN_DIR/task" ${TASK_ARGS:-}
+fi
+AFTER_TASK=$DIRTY
+
+# 2. a seed: SFT, then the branches that start from it (side by side), then the seed's evaluation
+run_seed() {
+  local SEED=$1 R="$RUN_DIR/seed$1" A BRANCHES=()
+  mkdir -p "$R"
+  TIMES="$R/stage_times"
+  : > "$TIMES"
+  : > "$R/layout.jsonl.tmp"  # the record of what each folder is, rebuilt by every run (record)
+  DIRTY=$AFTER_TASK
+  stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
+    launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
+  record "$SEED" sft policy="$R/sft"
+  # each branch: its name, the branches it reads (- for none) and its command; the longest first
+  BRANCHES=(rm - "vanilla_rm $SEED" sft_samples - "sft_samples $SEED")
+  [[ " $ARMS " != *" bilevel"* ]] || BRANCHES+=(bilevel_rm rm,sft_samples "bilevel_rm $SEED")  # one, for every bilevel arm
+  for A in $ARMS; do
+    case "$(arm_base "$A")" in
+      dpo) BRANCHES+=("$A" - "arm $SEED $A");;
+      vanilla) BRANCHES+=("$A" ppo_vanilla,sft_samples "arm $SEED $A");;  # round 1: vanilla PPO's snapshot
+      bilevel) BRANCHES+=("$A" bilevel_rm "arm $SEED $A");;
+      *) BRANCHES+=("$A" sft_samples "arm $SEED $A");;  # metarm, oracle: their RMs start from SFT
+    esac
+  done
+  side_by_side "$SEED" "${BRANCHES[@]}" ppo_vanilla rm "vanilla_ppo $SEED"
+  local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
+  [ ! -s "$TIMES" ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
+  [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
+  mv "$R/layout.jsonl.tmp" "$R/layout.jsonl"
+  DIRTY=0
+  stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
+    one_process evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
+      --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
+  echo "$key" > "$R/eval/key"
+  printf "\nseed $SEED stage times (also in $TIMES):\n"
+  cat "$TIMES"
 }
 
-run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depend on was redone)
-  local SEED=$1 A=$2 R="$RUN_DIR/seed$1" B K POLICY LOG RM REF ANCHOR EXTRA
+# 3. the branches (run_seed's variables are theirs: bash functions see their caller's)
+vanilla_rm() {
+  local SEED=$1 R="$RUN_DIR/seed$1"
+  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
+    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
+  record "$SEED" vanilla_rm rm="$R/rm"
+}
+sft_samples() {  # round 1's meta data, shared by every arm
+  local SEED=$1 R="$RUN_DIR/seed$1"
+  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
+    launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
+      --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+}
+vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
+  local SEED=$1 R="$RUN_DIR/seed$1" K  # way, its first PPO_STEPS steps are the vanilla arm's round 1
+  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
+    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
+      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
+  for K in $(seq 1 "$ROUNDS"); do
+    record "$SEED" "vanilla_ppo/step$((K * PPO_STEPS))" round="$K" policy="$(vanilla_ppo_after "$R" "$K")" \
+      log="$R/ppo_vanilla" steps="$((K * PPO_STEPS))" rm="$R/rm"
+  done
+}
+vanilla_ppo_after() {  # vanilla_ppo_after SEED_DIR K: the policy after K rounds' worth of steps (ppo.py's snapshots)
+  if [ "$2" = "$ROUNDS" ]; then echo "$1/ppo_vanilla"; else echo "$1/ppo_vanilla/step$(($2 * PPO_STEPS))"; fi
+}
+bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
+  local SEED=$1 R="$RUN_DIR/seed$1" SUPPORT="$RUN_DIR/seed$1/sft_samples/meta.jsonl"
+  if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
+    SUPPORT="$R/bilevel_support/meta.jsonl"
+    stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
+      launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$ID_PROMPTS" --output_dir "$R/bilevel_support" \
+        --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
+  fi
+  stage "seed $SEED: bilevel RM" "$R/bilevel_rm" "$R/bilevel_rm/DONE" \
+    launch bilevel_rm.py $COMMON --sft_dir "$R/sft" --init_rm "$R/rm" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
+      --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
+}
+
+# 4. the arms: DPO's one stage, or round k = 1..R of sample from pi_{k-1}, the arm's RM, PPO -> pi_k
+arm() {  # arm SEED ARM
+  local SEED=$1 A=$2 R="$RUN_DIR/seed$1" B K POLICY="$RUN_DIR/seed$1/sft" LOG RM REF ANCHOR EXTRA
   B=$(arm_base "$A")
+  if [ "$B" = dpo ]; then
+    stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
+      launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
+        --seed "$SEED" ${DPO_ARGS:-}
+    record "$SEED" dpo policy="$R/dpo"
+    return
+  fi
   ANCHOR=$(arm_mod "$A" anchor "$KL_ANCHOR")
-  POLICY="$R/sft"
   for K in $(seq 1 "$ROUNDS"); do
     local D="$R/$A/round$K" META="$R/sft_samples/meta.jsonl"  # pi_0 = SFT for every arm: the same samples
     if [ "$K" -gt 1 ]; then
@@ -157,115 +246,12 @@ run_arm() {  # run_arm SEED ARM: the arm's rounds (DIRTY: whether what they depe
       samples="$META" kl_anchor="$ANCHOR" "${EXTRA[@]}"
   done
 }
-
-run_seed() {  # every stage of one seed, then its evaluation
-  local SEED=$1 R="$RUN_DIR/seed$1" SFT_DIRTY BASE_DIRTY SAMPLE_DIRTY PPO_DIRTY BILEVEL_DIRTY=0 A BRANCHES=()
-  local -A REDONE
-  mkdir -p "$R"
-  TIMES="$R/stage_times"
-  : > "$TIMES"
-  : > "$R/layout.jsonl.tmp"  # the record of what each folder is, rebuilt by every run (record)
-  DIRTY=$AFTER_TASK
-  stage "seed $SEED: sft" "$R/sft" "$R/sft/DONE" \
-    launch sft.py $COMMON --model_name_or_path "$MODEL" --data "$SFT_DATA" --output_dir "$R/sft" --seed "$SEED" ${SFT_ARGS:-}
-  SFT_DIRTY=$DIRTY
-  record "$SEED" sft policy="$R/sft"
-  # the branches after SFT, what each needs, and which of them are redone in this run (REDONE)
-  BASE_DIRTY=$(will_run "$R/rm/DONE")
-  SAMPLE_DIRTY=$(will_run "$R/sft_samples/DONE")
-  PPO_DIRTY=$(( BASE_DIRTY | $(will_run "$R/ppo_vanilla/DONE") ))
-  BRANCHES=(rm - "vanilla_rm $SEED" sft_samples - "sft_samples $SEED")
-  if [[ " $ARMS " == *" bilevel"* ]]; then  # one bilevel RM per seed, for every bilevel arm
-    DIRTY=$(( BASE_DIRTY | SAMPLE_DIRTY ))
-    BILEVEL_DIRTY=$(will_run "$R/bilevel_rm/DONE")
-    [ "$PROMPTS" = "$ID_PROMPTS" ] || BILEVEL_DIRTY=$(( BILEVEL_DIRTY | $(will_run "$R/bilevel_support/DONE") ))
-    BRANCHES+=(bilevel_rm rm,sft_samples "bilevel_rm $SEED")
-  fi
-  REDONE=([-]=$SFT_DIRTY [rm]=$BASE_DIRTY [sft_samples]=$SAMPLE_DIRTY [bilevel_rm]=$BILEVEL_DIRTY [ppo_vanilla]=$PPO_DIRTY)
-  for A in $ARMS; do  # the arms before vanilla PPO: the longest branches first
-    case "$(arm_base "$A")" in
-      dpo) BRANCHES+=("$A" - "arm $SEED $A");;
-      vanilla) BRANCHES+=("$A" ppo_vanilla,sft_samples "arm $SEED $A");;  # round 1: vanilla PPO's snapshot
-      bilevel) BRANCHES+=("$A" bilevel_rm "arm $SEED $A");;
-      *) BRANCHES+=("$A" sft_samples "arm $SEED $A");;  # metarm, oracle: their RMs start from SFT
-    esac
-  done
-  side_by_side "$SEED" "${BRANCHES[@]}" ppo_vanilla rm "vanilla_ppo $SEED"
-  local key="arms=$ARMS rounds=$ROUNDS ppo_steps=$PPO_STEPS test_prompts=$TEST_PROMPTS judge=$JUDGE ${EVAL_ARGS:-}"
-  [ ! -s "$TIMES" ] || rm -rf "$R/eval"  # a policy was redone: its cached test responses are stale
-  [ "$(cat "$R/eval/key" 2>/dev/null)" = "$key" ] || rm -f "$R/eval/DONE"
-  mv "$R/layout.jsonl.tmp" "$R/layout.jsonl"
-  DIRTY=0
-  stage "seed $SEED: evaluate" "$R/eval/DONE" "$R/eval/DONE" \
-    one_process evaluate.py --run_dir "$R" --rounds "$ROUNDS" --arms "$ARMS" \
-      --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}
-  echo "$key" > "$R/eval/key"
-  printf "\nseed $SEED stage times (also in $TIMES):\n"
-  cat "$TIMES"
+oracle_labels() {  # oracle_labels FOLDER META SEED: the task's annotator labels the samples; + the pairs
+  mkdir -p "$1" && python task.py --label "$2" --out "$1/new_pairs.jsonl" --pairs "$ORACLE_PAIRS" --seed "$3" \
+    && cat "$PAIRS" "$1/new_pairs.jsonl" > "$1/pairs.jsonl.tmp" && mv "$1/pairs.jsonl.tmp" "$1/pairs.jsonl"
 }
 
-# The branches of one seed (run_seed's variables are theirs: bash functions see their caller's;
-# side_by_side has set DIRTY from what each needs).
-vanilla_rm() {
-  local SEED=$1 R="$RUN_DIR/seed$1"
-  stage "seed $SEED: vanilla reward model" "$R/rm" "$R/rm/DONE" \
-    launch reward_model.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
-      --output_dir "$R/rm" --seed "$SEED" ${RM_ARGS:-}
-  record "$SEED" vanilla_rm rm="$R/rm"
-}
-sft_samples() {  # round 1's meta data, shared by every arm
-  local SEED=$1 R="$RUN_DIR/seed$1"
-  stage "seed $SEED: sample the meta data from sft" "$R/sft_samples" "$R/sft_samples/DONE" \
-    launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$PROMPTS" --output_dir "$R/sft_samples" \
-      --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
-}
-bilevel_rm() {  # one bilevel RM per seed, for every bilevel arm
-  local SEED=$1 R="$RUN_DIR/seed$1" SUPPORT="$RUN_DIR/seed$1/sft_samples/meta.jsonl"
-  if [ "$PROMPTS" != "$ID_PROMPTS" ]; then  # OOD=1: the support sets come from the training prompts
-    SUPPORT="$R/bilevel_support/meta.jsonl"
-    stage "seed $SEED: sample the bilevel RM's support sets from sft" "$R/bilevel_support" "$R/bilevel_support/DONE" \
-      launch sample.py $COMMON --policy_dir "$R/sft" --prompts "$ID_PROMPTS" --output_dir "$R/bilevel_support" \
-        --max_prompts "$META_N" --seed "$((SEED * 100 + 1))" ${SAMPLE_ARGS:-}
-  fi
-  stage "seed $SEED: bilevel RM" "$R/bilevel_rm" "$R/bilevel_rm/DONE" \
-    launch bilevel_rm.py $COMMON --sft_dir "$R/sft" --init_rm "$R/rm" --data "$PAIRS" --eval_data "$EVAL_PAIRS" \
-      --support "$SUPPORT" --output_dir "$R/bilevel_rm" --seed "$SEED" ${BILEVEL_ARGS:-}
-}
-vanilla_ppo() {  # the baseline; the same PPO seed as every arm's round 1: with KL_ANCHOR either
-  local SEED=$1 R="$RUN_DIR/seed$1" K  # way, its first PPO_STEPS steps are the vanilla arm's round 1
-  stage "seed $SEED: vanilla PPO ($((ROUNDS * PPO_STEPS)) steps)" "$R/ppo_vanilla" "$R/ppo_vanilla/DONE" \
-    launch ppo.py $COMMON --policy_dir "$R/sft" --rm_dir "$R/rm" --prompts "$PROMPTS" --output_dir "$R/ppo_vanilla" \
-      --steps $((ROUNDS * PPO_STEPS)) --snapshot_every "$PPO_STEPS" --seed "$((SEED * 100 + 1))" ${PPO_ARGS:-}
-  for K in $(seq 1 "$ROUNDS"); do
-    record "$SEED" "vanilla_ppo/step$((K * PPO_STEPS))" round="$K" policy="$(vanilla_ppo_after "$R" "$K")" \
-      log="$R/ppo_vanilla" steps="$((K * PPO_STEPS))" rm="$R/rm"
-  done
-}
-vanilla_ppo_after() {  # vanilla_ppo_after SEED_DIR K: the policy after K rounds' worth of steps (ppo.py's snapshots)
-  if [ "$2" = "$ROUNDS" ]; then echo "$1/ppo_vanilla"; else echo "$1/ppo_vanilla/step$(($2 * PPO_STEPS))"; fi
-}
-arm() {  # arm SEED A: DPO's one stage, or the arm's rounds
-  local SEED=$1 A=$2 R="$RUN_DIR/seed$1"
-  if [ "$(arm_base "$A")" = dpo ]; then
-    stage "seed $SEED: DPO" "$R/dpo" "$R/dpo/DONE" \
-      launch dpo.py $COMMON --sft_dir "$R/sft" --data "$PAIRS" --eval_data "$EVAL_PAIRS" --output_dir "$R/dpo" \
-        --seed "$SEED" ${DPO_ARGS:-}
-    record "$SEED" dpo policy="$R/dpo"
-  else
-    run_arm "$SEED" "$A"
-  fi
-}
-
-T_START=$SECONDS
-NEED_TASK=0  # the embedded task is built when a model or a data file of this run is inside it
-for F in "$MODEL" "$SFT_DATA" "$PAIRS" "$EVAL_PAIRS" "$PROMPTS" "$TEST_PROMPTS" "$ID_PROMPTS"; do
-  [[ "$F" != "$RUN_DIR/task/"* ]] || NEED_TASK=1
-done
-if [ "$NEED_TASK" = 1 ]; then
-  stage "task" "$RUN_DIR/task" "$RUN_DIR/task/DONE" python task.py --out_dir "$RUN_DIR/task" ${TASK_ARGS:-}
-fi
-AFTER_TASK=$DIRTY
-
+# 5. every seed, then the report over seeds
 run_seeds
 python evaluate.py --aggregate "$RUN_DIR" --seeds "$SEEDS" --rounds "$ROUNDS" --arms "$ARMS" \
   --prompts "$TEST_PROMPTS" --pairs "$EVAL_PAIRS" --raw_pairs "$PAIRS" --judge "$JUDGE" ${EVAL_ARGS:-}

@@ -54,10 +54,6 @@ stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
 threads() {
   if [ -z "${BRANCH:-}" ] || [ "$(cat "$ALONE" 2>/dev/null)" = "$BRANCH" ]; then echo "$SHARE"; else echo 1; fi
 }
-will_run() {  # will_run MARKER: 1 if a stage with this marker would run now
-  if [ "$DIRTY" = 1 ] || [ ! -e "$1" ]; then echo 1; else echo 0; fi
-}
-
 # The one record of a seed's layout: RUN_DIR/seed<S>/layout.jsonl, one JSON object a line, naming a
 # policy or reward model (sft, vanilla_rm, vanilla_ppo/step<N>, dpo, <arm>/round<k>) and what holds
 # it, folders relative to the seed's folder. run_seed starts it as layout.jsonl.tmp, each branch
@@ -83,11 +79,13 @@ trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stoppe
 
 side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
   local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
-  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given;
-  # it starts with DIRTY set if one of its NEEDS (or, for -, SFT) is redone in this run (REDONE)
-  rm -f "$ALONE"
+  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given.
+  # A branch starts with DIRTY set (its stages redone) if one of its NEEDS was redone in this run
+  # (ran a stage or started dirty: it says so in .redone/NAME), or for -, if DIRTY is set now.
+  local redo="$RUN_DIR/seed$SEED/.redone" before=$DIRTY
+  rm -rf "$ALONE" "$redo" && mkdir -p "$redo"
   local -a name=() needs=() command=()
-  local -A state=() name_of=()
+  local -A state=() name_of=() redone=()
   while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
   while :; do
     for i in "${!name[@]}"; do  # start what is ready, while lanes are free (after a failure: nothing)
@@ -96,12 +94,14 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
       for n in ${needs[$i]//,/ }; do [ "$n" = - ] || [ "${state[$n]:-}" = done ] || ready=0; done
       [ "$ready" = 1 ] || continue
       DIRTY=0
-      for n in ${needs[$i]//,/ }; do DIRTY=$(( DIRTY | ${REDONE[$n]} )); done
+      for n in ${needs[$i]//,/ }; do
+        if [ "$n" = - ]; then DIRTY=$(( DIRTY | before )); else DIRTY=$(( DIRTY | ${redone[$n]} )); fi
+      done
       if [ "$LANES" = 1 ]; then
-        ( ${command[$i]} ) &             # one at a time: its output where ours goes
+        ( ${command[$i]}; echo "$DIRTY" > "$redo/${name[$i]}" ) &  # one at a time: its output where ours goes
       else                               # side by side: its output to its log, status lines to ours
         log="$RUN_DIR/seed$SEED/${name[$i]}.log"
-        ( BRANCH=${name[$i]} BRANCH_LOG=$log SAY_FD=4; ${command[$i]} ) 4>&1 > "$log" 2>&1 &
+        ( BRANCH=${name[$i]} BRANCH_LOG=$log SAY_FD=4; ${command[$i]}; echo "$DIRTY" > "$redo/${name[$i]}" ) 4>&1 > "$log" 2>&1 &
       fi
       state[${name[$i]}]=running
       name_of[$!]=${name[$i]}
@@ -114,9 +114,10 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
     st=0
     wait -n -p pid || st=$?
     if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
+    [ "$st" != 0 ] || redone[${name_of[$pid]}]=$(cat "$redo/${name_of[$pid]}")
     unset "name_of[$pid]"
   done
-  rm -f "$ALONE"
+  rm -rf "$ALONE" "$redo"
   [ -z "$failed" ] || exit 1
   for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
     [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"
