@@ -350,11 +350,18 @@ def test_bad_settings_stop_before_any_stage(micro, tmp_path, setting, message):
     assert not os.path.exists(tmp_path / "run" / "seed1")
 
 
-def test_interrupt_ends_every_stage_started(micro, tmp_path):
+def with_sft(run_dir, micro_sft):
+    """A RUN_DIR whose seed 1 has an SFT model already (iterate.sh skips a stage whose DONE exists):
+    for the tests of what happens after SFT."""
+    shutil.copytree(micro_sft, os.path.join(run_dir, "seed1", "sft"))
+    return run_dir
+
+
+def test_interrupt_ends_every_stage_started(micro, micro_sft, tmp_path):
     """Ctrl-C (SIGINT) on iterate.sh ends the stages it started, background branches included (bash
     starts those with SIGINT ignored): nothing holds RUN_DIR/LOCK afterwards."""
     import signal
-    run_dir = str(tmp_path / "run")
+    run_dir = with_sft(str(tmp_path / "run"), micro_sft)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN_DIR": run_dir, "MODEL": micro["base"], "DATA": micro["data"],
            "ARMS": "vanilla", "ROUNDS": "1", "LANES": "2", "SFT_ARGS": "--max_steps 4 --global_batch 16",
            "RM_ARGS": "--max_steps 400 --global_batch 16"}  # the vanilla RM runs long enough to be interrupted
@@ -373,11 +380,11 @@ def test_interrupt_ends_every_stage_started(micro, tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "seed1", "rm", "DONE"))
 
 
-def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, tmp_path):
+def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, micro_sft, tmp_path):
     """A stage that fails in a branch run side by side (the vanilla RM, beside the SFT samples): the
     other running branch ends its stage, nothing new starts, no evaluation; the message names the
     stage, its folder and its log, where the error is."""
-    run_dir = str(tmp_path / "run")
+    run_dir = with_sft(str(tmp_path / "run"), micro_sft)
     p = iterate(run_dir, micro, check=False, ARMS="metarm vanilla", LANES="2",
                 RM_ARGS="--max_steps 4 --global_batch 100000")  # parses; the data has fewer rows
     log = os.path.join(run_dir, "seed1", "rm.log")

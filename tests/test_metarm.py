@@ -258,14 +258,13 @@ def test_short_metarm_run_keeps_held_out_accuracy(micro, micro_sft, micro_meta, 
     import statistics
     from conftest import clear_pairs
     train, test = clear_pairs(tmp_path / "train.jsonl", 600, 1), clear_pairs(tmp_path / "test.jsonl", 1000, 2)
-    runs = {"vanilla": ["--eta", "0"], "first_order": ["--eta", "0.1"]}
+    runs = {"vanilla": (rm.main, []), "first_order": (metarm.main, ["--meta_data", micro_meta, "--eta", "0.1"])}
     acc = {name: [] for name in runs}
     for seed in ("1", "2", "3"):
-        for name, extra in runs.items():
+        for name, (main, extra) in runs.items():  # vanilla: reward_model.py, exactly metarm.py at eta = 0
             out = str(tmp_path / f"{name}_{seed}")
-            metarm.main(["--sft_dir", micro_sft, "--data", train, "--eval_data", test, "--meta_data", micro_meta,
-                         "--output_dir", out, "--epochs", "2", "--global_batch", "16", "--lr", "3e-3",
-                         "--eval_every", "1000", "--seed", seed, *extra])
+            main(["--sft_dir", micro_sft, "--data", train, "--eval_data", test, "--output_dir", out, "--epochs", "2",
+                  "--global_batch", "16", "--lr", "3e-3", "--eval_every", "1000", "--seed", seed, *extra])
             with open(f"{out}/DONE") as f:
                 acc[name].append(json.load(f)["eval/accuracy"])
     mean = {name: statistics.mean(a) for name, a in acc.items()}
