@@ -84,8 +84,10 @@ def test_documented_commands_run_verbatim(micro, tmp_path, monkeypatch, capsys):
     assert [s for s, _ in todo].count("sft") and [s for s, _ in todo].count("evaluate")
     monkeypatch.chdir(tmp_path)
     for script, argv in todo:
+        # a folder under /tmp goes under this test's folder: no run left there from elsewhere is reused
+        argv = [str(tmp_path / a[1:]) if a.startswith("/tmp/") else a for a in argv]
         try:
-            cli.guard(lambda: module(script).main(list(argv)))
+            cli.guard(lambda: module(script).main(argv))
         except SystemExit as e:
             pytest.fail(f"python {script}.py {' '.join(argv)}: exit status {e.code}\n{capsys.readouterr().err[-3000:]}")
 
