@@ -24,7 +24,9 @@ measurements, committed in docs/study-pretrained-rm/, are the results; copied in
 let a run go on where another machine stopped), so a killed run picks up where it stopped. `report` prints
 the table: per arm the mean over seeds of each metric, and MetaRM minus vanilla paired on the
 seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustment across the
-eta values (primary endpoint: gold agreement on H; significance.py holds the tests).
+eta values, with the smallest difference the seeds detect at 80% power (primary endpoint: gold
+agreement on H; significance.py holds the tests); then the arm the registered rule sends to the
+confirmation seeds, and (with matplotlib) a figure of the paired differences, seed by seed.
 """
 import argparse
 import hashlib
@@ -39,7 +41,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from significance import holm, paired_t, seed_interval  # noqa: E402
+from significance import POWER_Z, holm, paired_t, seed_interval, t_quantile  # noqa: E402
 
 BASE = "runs/smollm2"
 SFT = f"{BASE}/seed1/sft"
@@ -199,16 +201,20 @@ def report(out_dir, seeds, ratios):
                 raise SystemExit(f"{path} does not exist: run `studies/pretrained_rm.py run` for seed {s} first")
             with open(path) as f:
                 values[arm_name(ratio), s] = json.load(f)
-    res = {"seeds": seeds, "ratios": ratios, "alpha": ALPHA, "arms": {}, "diffs": {}}
+    res = {"seeds": seeds, "ratios": ratios, "alpha": ALPHA, "arms": {}, "per_seed": {}, "diffs": {}}
     for ratio in [None, *ratios]:
         a = arm_name(ratio)
         res["arms"][a] = {m: seed_interval([values[a, s][m] for s in seeds]) for m in METRICS}
+        res["per_seed"][a] = {m: [values[a, s][m] for s in seeds] for m in METRICS}
     for m in METRICS:
         tests = {arm_name(r): paired_t([values[arm_name(r), s][m] - values["vanilla", s][m] for s in seeds])
                  for r in ratios}
         for a, adj in zip(tests, holm([t["p"] for t in tests.values()])):
             tests[a]["p_holm"] = adj
+            # the smallest difference this design detects with 80% power: (t_{0.975, n-1} + z_0.8) se
+            tests[a]["detectable"] = (t_quantile(0.975, len(seeds) - 1) + POWER_Z) * tests[a]["se"]
         res["diffs"][m] = tests
+    res["confirmation"] = confirmation_arm(res["diffs"])
     by_build = {}  # the build of SFT and pi_1 each seed was measured on (its vanilla arm's, as every arm's)
     for s in seeds:
         b = values["vanilla", s].get("build")
@@ -225,12 +231,59 @@ def report(out_dir, seeds, ratios):
         lines.append(f"| {a} | {eta} | " + " | ".join(ci(res["arms"][a][m], 4) for m in METRICS) + " |")
     lines += ["", "MetaRM - vanilla, paired on the seed: mean [95% t-interval], two-sided paired t p, Holm-adjusted p "
               "across the eta values, verdict at 0.05 (Holm)", "",
-              "| metric | arm | difference | p | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+              "| metric | arm | difference | p | p (Holm) | verdict | detectable at 80% power |",
+              "|---|---|---|---|---|---|---|"]
     for m in METRICS:
         for a, t in res["diffs"][m].items():
             word = ("higher" if t["mean"] > 0 else "lower") if t["p_holm"] < 0.05 else "no detectable difference"
-            lines.append(f"| {m} | {a} | {ci(t, 4)} | {t['p']:.3f} | {t['p_holm']:.3f} | {word} |")
+            lines.append(f"| {m} | {a} | {ci(t, 4)} | {t['p']:.3f} | {t['p_holm']:.3f} | {word} | {t['detectable']:.4f} |")
+    c = res["confirmation"]
+    lines += ["", f"the arm the registered rule sends to the confirmation seeds: {c['arm'] or 'none'} ({c['why']})"]
     return res, "\n".join(lines)
+
+
+def confirmation_arm(diffs):
+    """The registered rule (docs/study-pretrained-rm.md, "Seeds and confirmation"): if some arm is
+    Holm-significantly better on the primary endpoint, the one of those with the largest mean
+    difference; otherwise the arm with the largest eta whose held-out pair accuracy is not
+    significantly lower than vanilla's (unadjusted paired t: p >= 0.05, or higher)."""
+    primary, accuracy = diffs[METRICS[0]], diffs["eval/accuracy"]
+    better = [a for a, t in primary.items() if t["p_holm"] < 0.05 and t["mean"] > 0]
+    if better:
+        arm = max(better, key=lambda a: primary[a]["mean"])
+        return {"arm": arm, "rule": "gain", "why": f"Holm-significantly better on {METRICS[0]}, the largest mean of "
+                                                   f"{len(better)} such arm(s)"}
+    kept = [a for a, t in accuracy.items() if not (t["p"] < 0.05 and t["mean"] < 0)]
+    if not kept:
+        return {"arm": None, "rule": "null", "why": "no arm is better, and every arm's held-out accuracy is lower"}
+    arm = max(kept, key=lambda a: float(a[len("eta"):]))
+    return {"arm": arm, "rule": "null", "why": f"no arm is Holm-significantly better on {METRICS[0]}: the largest "
+                                               "eta whose held-out accuracy is not significantly lower"}
+
+
+def plot(res, path):
+    """Per arm, each seed's MetaRM - vanilla (dots) and the mean with its 95% t-interval, for the
+    primary endpoint and held-out accuracy. Needs matplotlib (an optional extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arms = list(res["diffs"][METRICS[0]])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, m in zip(axes, (METRICS[0], "eval/accuracy")):
+        for i, a in enumerate(arms):
+            d = [x - v for x, v in zip(res["per_seed"][a][m], res["per_seed"]["vanilla"][m])]
+            ax.plot([i] * len(d), d, "o", color="0.6", ms=4, zorder=1)
+            t = res["diffs"][m][a]
+            ax.errorbar([i + 0.15], [t["mean"]], yerr=[[t["mean"] - t["lo"]], [t["hi"] - t["mean"]]], fmt="s",
+                        color="C3" if t["p_holm"] < 0.05 else "C0", capsize=4, zorder=2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(arms)), [f"η/α = {a[len('eta'):]}" for a in arms])
+        ax.set_title(f"{m}: MetaRM − vanilla")
+    axes[0].set_ylabel(f"paired on the seed ({len(res['seeds'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
 
 
 def ci(x, digits):
@@ -266,6 +319,11 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         os.replace(name + ".json.tmp", name + ".json")
         print(text)
+        try:
+            plot(res, name + ".png")
+            print(f"figure: {name}.png")
+        except ImportError:
+            print("matplotlib is not installed: the figure is skipped (pip install matplotlib to draw it)")
 
 
 if __name__ == "__main__":

@@ -71,3 +71,57 @@ def test_a_seed_is_measured_whole_on_one_build(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "seed2" / "measure" / "superseded")) == ["eta1.json"]
     assert study.build_of(str(tmp_path / "seed2" / "measure" / "eta1.json")) == "B"
     assert not os.path.exists(tmp_path / "seed1" / "measure" / "superseded")
+
+
+def diffs(gold, acc):
+    """diffs as report() makes them, from {arm: (mean, p, p_holm)} per metric."""
+    as_t = lambda d: {a: {"mean": m, "p": p, "p_holm": h} for a, (m, p, h) in d.items()}
+    return {"shift/gold_agreement": as_t(gold), "eval/accuracy": as_t(acc)}
+
+
+def test_the_confirmation_arm_follows_the_registered_rule():
+    acc_fine = {"eta1": (0, .9, 1), "eta20": (0, .9, 1), "eta200": (0, .9, 1)}
+    # two arms Holm-better: the one with the larger mean, whatever its p
+    gain = study.confirmation_arm(diffs({"eta1": (.01, .001, .003), "eta20": (.03, .01, .02), "eta200": (.05, .2, .2)}, acc_fine))
+    assert (gain["arm"], gain["rule"]) == ("eta20", "gain")
+    # better but not after Holm, or significant but worse: the null; the largest eta whose accuracy is not lower
+    null = {"eta1": (.01, .04, .12), "eta20": (-.02, .001, .003), "eta200": (.05, .2, .2)}
+    acc = {"eta1": (0, .9, 1), "eta20": (.01, .01, .03), "eta200": (-.02, .04, .12)}
+    c = study.confirmation_arm(diffs(null, acc))
+    assert (c["arm"], c["rule"]) == ("eta20", "null")  # eta200's accuracy is lower at p = .04 (unadjusted)
+    acc["eta200"] = (-.02, .06, .12)  # lower, but not significantly
+    assert study.confirmation_arm(diffs(null, acc))["arm"] == "eta200"
+    assert study.confirmation_arm(diffs(null, {a: (-.1, .001, .003) for a in null}))["arm"] is None
+
+
+def test_the_report_by_hand(tmp_path):
+    """Three seeds, vanilla and one MetaRM arm: the paired difference, its p, the detectable
+    difference (t_{0.975, 2} + z_0.8) se and the confirmation arm, from the measurement files."""
+    import json
+    gold = {"vanilla": [0.50, 0.40, 0.45], "eta20": [0.52, 0.425, 0.465]}  # differences 0.02, 0.025, 0.015
+    B = {"sft": "s", "pi_1": "p", "cpu": "c"}
+    for s in (1, 2, 3):
+        (tmp_path / f"seed{s}" / "measure").mkdir(parents=True)
+        for arm, g in gold.items():
+            m = {"shift/gold_agreement": g[s - 1], "eval/accuracy": 0.6, "shift/J": 0.4, "shift/dr_var": 0.1, "build": B}
+            (tmp_path / f"seed{s}" / "measure" / f"{arm}.json").write_text(json.dumps(m))
+    res, text = study.report(str(tmp_path), [1, 2, 3], [20.0])
+    d = res["diffs"]["shift/gold_agreement"]["eta20"]
+    se = 0.005 / math.sqrt(3)  # sd of 0.02, 0.025, 0.015 is 0.005
+    u = (0.02 / se) / math.sqrt(2)  # df = 2: P(T <= t) = 1/2 + u / (2 sqrt(1 + u^2)) with u = t / sqrt 2
+    assert d["mean"] == pytest.approx(0.02) and d["se"] == pytest.approx(se)
+    assert d["p"] == pytest.approx(1 - u / math.sqrt(1 + u * u), abs=1e-9) and d["p_holm"] == d["p"]  # one arm
+    assert d["detectable"] == pytest.approx((4.302653 + 0.8416) * se, rel=1e-5)  # the tabled t_{0.975, 2}
+    assert res["confirmation"]["arm"] == "eta20" and res["confirmation"]["rule"] == "gain"  # p = 0.020
+    assert res["per_seed"]["eta20"]["shift/gold_agreement"] == gold["eta20"]
+    assert "| shift/gold_agreement | eta20 | +0.0200 [" in text and "confirmation seeds: eta20" in text
+    assert res["builds"] == {"1 2 3": B} and "seeds 1 2 3: sft s, pi_1 p (c)" in text
+
+
+def test_the_figure_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")  # optional: report prints the table without it
+    res = {"seeds": [1, 2], "per_seed": {"vanilla": {m: [0.5, 0.4] for m in study.METRICS},
+                                         "eta1": {m: [0.6, 0.45] for m in study.METRICS}},
+           "diffs": {m: {"eta1": {"mean": 0.075, "lo": -0.2, "hi": 0.35, "p_holm": 0.3}} for m in study.METRICS}}
+    study.plot(res, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not os.path.exists(tmp_path / "f.png.tmp.png")
