@@ -17,6 +17,8 @@ pi_1 are shared. Per seed:
     python studies/pretrained_rm.py run    --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
     python studies/pretrained_rm.py report --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
     python studies/pretrained_rm.py ratios --diagnostic docs/metastep-smollm2.json   # the eta grid
+    python studies/pretrained_rm.py ppo        --seeds "4 5 6 7 8" --arm eta<r>   # part 3, at the policy
+    python studies/pretrained_rm.py ppo_report --seeds "4 5 6 7 8" --arm eta<r>
 
 `run` is resumable: each stage skips what its DONE says is done, each measurement is written
 under a temporary name and renamed, and an arm whose measurement exists is not trained again (the
@@ -27,6 +29,9 @@ seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustm
 eta values, with the smallest difference the seeds detect at 80% power (primary endpoint: gold
 agreement on H; significance.py holds the tests); then the arm the registered rule sends to the
 confirmation seeds, and (with matplotlib) a figure of the paired differences, seed by seed.
+`ppo` (part 3) trains PPO from SFT with a seed's vanilla RM and with its arm's RM and scores
+each policy's answers to the test prompts with the gold judge (seed<s>/policy/<rm>.json);
+`ppo_report` pairs them on (seed, prompt).
 """
 import argparse
 import hashlib
@@ -41,7 +46,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from significance import POWER_Z, holm, paired_t, seed_interval, t_quantile  # noqa: E402
+from significance import POWER_Z, hierarchical_bootstrap, holm, paired_t, seed_interval, t_quantile, verdict  # noqa: E402
 
 BASE = "runs/smollm2"
 SFT = f"{BASE}/seed1/sft"
@@ -169,6 +174,76 @@ def run_seed(out_dir, seed, ratios, this_build):
 
 
 # ---------------------------------------------------------------------------------------------
+# Part 3, at the policy: PPO with each RM of a seed, the gold judge on the policies' answers
+# ---------------------------------------------------------------------------------------------
+PPO_STEPS = 10
+ANSWER_PROMPTS = 150  # evaluate.py's --n_prompts: every test prompt of the embedded task
+
+
+def run_policy(out_dir, seed, arm, this_build):
+    """PPO round 1 from the shared SFT model, 10 steps with the smollm2 preset's PPO settings and
+    --seed s, once with the seed's vanilla RM and once with the arm's RM; each policy answers the
+    150 test prompts (sample.py, the same sampling seed for both policies; the first response to
+    each prompt is the one scored) and the gold judge scores the answers."""
+    import task
+    d = os.path.join(out_dir, f"seed{seed}")
+    (ppo_args,) = preset("PPO_ARGS")
+    todo = [rm for rm in ("vanilla", arm) if not os.path.exists(f"{d}/policy/{rm}.json")]
+    for rm in todo:  # both checked before either runs
+        measured = f"{d}/measure/{rm}.json"
+        if not (os.path.exists(f"{d}/{rm}/DONE") and os.path.exists(measured) and build_of(measured) == this_build):
+            raise SystemExit(f"{d}/{rm}: no reward model of this build of SFT and pi_1 ({this_build}) here: "
+                             f"PPO at the policy runs on the seeds whose RMs were trained on this machine")
+    os.makedirs(f"{d}/policy", exist_ok=True)
+    for rm in todo:
+        out = f"{d}/policy/{rm}.json"
+        policy, answers = f"{d}/ppo_{rm}", f"{d}/answers_{rm}"
+        stage("ppo.py", "--strategy", "ddp", "--policy_dir", SFT, "--rm_dir", f"{d}/{rm}", "--prompts",
+              f"{DATA}/prompts_train.jsonl", "--output_dir", policy, "--steps", str(PPO_STEPS), "--seed", str(seed), *ppo_args)
+        stage("sample.py", "--policy_dir", policy, "--prompts", f"{DATA}/prompts_test.jsonl", "--max_prompts",
+              str(ANSWER_PROMPTS), "--seed", str(100 * seed + 3), "--output_dir", answers, *SAMPLE_ARGS[2:], "--k", "2")
+        with open(f"{answers}/meta.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        prompts = [r["prompt"] for r in rows]
+        result = {"rm": rm, "prompts": prompts, "gold": [task.gold(p, r["responses"][0]) for p, r in zip(prompts, rows)],
+                  "build": this_build}
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out + ".tmp", out)
+        print(f"  {out}: mean gold {sum(result['gold']) / len(prompts):+.4f} on {len(prompts)} prompts", flush=True)
+
+
+def policy_report(out_dir, seeds, arm):
+    """The policy steered by the arm's RM minus the one steered by the vanilla RM: gold score
+    differences paired on (seed, prompt), mean and 95% interval by the hierarchical bootstrap
+    (significance.py), with the verdict and the difference detectable at 80% power."""
+    gold = {}
+    for s in seeds:
+        for rm in ("vanilla", arm):
+            path = os.path.join(out_dir, f"seed{s}", "policy", f"{rm}.json")
+            if not os.path.exists(path):
+                raise SystemExit(f"{path} does not exist: run `studies/pretrained_rm.py ppo --arm {arm}` for seed {s} first")
+            with open(path) as f:
+                gold[rm, s] = json.load(f)
+        if gold["vanilla", s]["prompts"] != gold[arm, s]["prompts"]:
+            raise SystemExit(f"seed {s}: the two policies answered different prompts; cannot pair them")
+    x = [[a - v for a, v in zip(gold[arm, s]["gold"], gold["vanilla", s]["gold"])] for s in seeds]
+    diff = hierarchical_bootstrap(x)
+    res = {"seeds": seeds, "arm": arm, "ppo_steps": PPO_STEPS, "diff": diff,
+           "per_seed": {str(s): {rm: sum(gold[rm, s]["gold"]) / len(gold[rm, s]["gold"]) for rm in ("vanilla", arm)}
+                        for s in seeds},
+           "verdict": verdict(diff, len(seeds), words=("better", "worse"), digits=3)}
+    lines = [f"PPO round 1 ({PPO_STEPS} steps) steered by {arm}'s RM against the vanilla RM; seeds "
+             f"{' '.join(map(str, seeds))} ({len(seeds)}), {len(x[0])} test prompts each", "",
+             f"| seed | vanilla RM: mean gold | {arm} RM: mean gold | difference |", "|---|---|---|---|"]
+    for s in seeds:
+        v, a = res["per_seed"][str(s)]["vanilla"], res["per_seed"][str(s)][arm]
+        lines.append(f"| {s} | {v:+.4f} | {a:+.4f} | {a - v:+.4f} |")
+    lines += ["", f"{arm} - vanilla, paired on (seed, prompt): {ci(diff, 4)} (hierarchical bootstrap): {res['verdict']}"]
+    return res, "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The eta grid from the diagnostic (tools/metastep.py --out at the SmolLM2 RM's end)
 # ---------------------------------------------------------------------------------------------
 def ratios_for(diagnostic, targets=(0.01, 0.1, 1.0), point="end", form="first_order"):
@@ -292,10 +367,11 @@ def ci(x, digits):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["prepare", "run", "report", "ratios"])
+    p.add_argument("mode", choices=["prepare", "run", "report", "ratios", "ppo", "ppo_report"])
     p.add_argument("--seeds", default="1 2 3 4 5 6 7 8")
     p.add_argument("--ratios", default="", help="eta / alpha of the MetaRM arms, space separated")
     p.add_argument("--out_dir", default="runs/study-pretrained-rm")
+    p.add_argument("--arm", default="", help="ppo, ppo_report: the MetaRM arm whose RM steers PPO against vanilla's (e.g. eta2000)")
     p.add_argument("--diagnostic", default="docs/metastep-smollm2.json", help="ratios: tools/metastep.py's --out")
     args = p.parse_args(argv)
     if args.mode == "ratios":
@@ -306,6 +382,22 @@ def main(argv=None):
         prepare(args.out_dir)
         return
     seeds = [int(s) for s in args.seeds.split()]
+    if args.mode in ("ppo", "ppo_report"):
+        if not args.arm.startswith("eta"):
+            p.error(f"{args.mode} needs --arm eta<r>, one of the MetaRM arms (e.g. --arm eta2000)")
+        if args.mode == "ppo":
+            this_build = build()
+            print(f"build: {this_build}", flush=True)
+            for s in seeds:
+                run_policy(args.out_dir, s, args.arm, this_build)
+            return
+        res, text = policy_report(args.out_dir, seeds, args.arm)
+        name = os.path.join(args.out_dir, f"policy-{args.arm}-seeds" + "-".join(map(str, seeds)))
+        with open(name + ".json.tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(name + ".json.tmp", name + ".json")
+        print(text)
+        return
     ratios = [float(r) for r in args.ratios.split()]
     if args.mode == "run":
         this_build = build()

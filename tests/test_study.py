@@ -125,3 +125,63 @@ def test_the_figure_is_drawn(tmp_path):
            "diffs": {m: {"eta1": {"mean": 0.075, "lo": -0.2, "hi": 0.35, "p_holm": 0.3}} for m in study.METRICS}}
     study.plot(res, str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not os.path.exists(tmp_path / "f.png.tmp.png")
+
+
+def test_ppo_at_the_policy_scores_the_first_answer_of_each_policy(micro, tmp_path, monkeypatch):
+    """Part 3's runner: PPO with the seed's vanilla RM and with the arm's RM, each policy's answers
+    sampled with the same seed, the first answer to each prompt scored by the gold judge; a seed
+    whose RMs are of another build is refused; what is done is not run again."""
+    import json
+    import task
+    with open(f"{micro['data']}/prompts_test.jsonl") as f:
+        prompts = [json.loads(line)["prompt"] for line in f][:4]
+    answers = [" of course . first unplug the cables . then restart it . good luck !", " no ."]
+    calls = []
+
+    def stage(script, *argv):
+        calls.append((script, argv))
+        if script == "sample.py":
+            out = argv[argv.index("--output_dir") + 1]
+            os.makedirs(out)
+            with open(f"{out}/meta.jsonl", "w") as f:
+                f.writelines(json.dumps({"prompt": p, "responses": answers}) + "\n" for p in prompts)
+    monkeypatch.setattr(study, "stage", stage)
+    monkeypatch.setattr(study, "preset", lambda *names: [["--queries", "8"]])
+    d = tmp_path / "seed3"
+    for rm in ("vanilla", "eta20"):
+        (d / rm).mkdir(parents=True)
+        (d / rm / "DONE").write_text("{}")
+    (d / "measure").mkdir()
+    (d / "measure" / "vanilla.json").write_text(json.dumps({"build": "B"}))
+    (d / "measure" / "eta20.json").write_text(json.dumps({"build": "other"}))
+    with pytest.raises(SystemExit, match="eta20: no reward model of this build"):
+        study.run_policy(str(tmp_path), 3, "eta20", "B")
+    assert calls == []  # both RMs are checked before either PPO runs
+    (d / "measure" / "eta20.json").write_text(json.dumps({"build": "B"}))
+    study.run_policy(str(tmp_path), 3, "eta20", "B")
+    assert [(s, a[a.index("--rm_dir") + 1]) for s, a in calls if s == "ppo.py"] == [("ppo.py", f"{d}/vanilla"), ("ppo.py", f"{d}/eta20")]
+    seeds = {a[a.index("--seed") + 1] for s, a in calls if s == "sample.py"}
+    assert seeds == {"303"} and all("--queries" in a and a[a.index("--steps") + 1] == "10" for s, a in calls if s == "ppo.py")
+    with open(d / "policy" / "eta20.json") as f:
+        got = json.load(f)
+    assert got["prompts"] == prompts and got["gold"] == [task.gold(p, answers[0]) for p in prompts]
+    assert got["gold"] != [task.gold(p, answers[1]) for p in prompts]
+    n = len(calls)
+    study.run_policy(str(tmp_path), 3, "eta20", "B")
+    assert len(calls) == n  # done: nothing runs again
+
+
+def test_the_policy_report_by_hand(tmp_path):
+    import json
+    gold = {1: {"vanilla": [0.0, 1.0, 0.5], "eta20": [0.5, 1.0, 1.0]}, 2: {"vanilla": [1.0, 1.0, 0.0], "eta20": [1.0, 0.5, 0.0]}}
+    for s, by_rm in gold.items():
+        (tmp_path / f"seed{s}" / "policy").mkdir(parents=True)
+        for rm, g in by_rm.items():
+            (tmp_path / f"seed{s}" / "policy" / f"{rm}.json").write_text(json.dumps({"prompts": ["a", "b", "c"], "gold": g}))
+    res, text = study.policy_report(str(tmp_path), [1, 2], "eta20")
+    assert res["diff"]["mean"] == pytest.approx((0.5 + 0 + 0.5 + 0 - 0.5 + 0) / 6)
+    assert res["per_seed"]["2"] == {"vanilla": pytest.approx(2 / 3), "eta20": pytest.approx(0.5)}
+    assert "| 1 | +0.5000 | +0.8333 | +0.3333 |" in text and res["verdict"].startswith("no detectable difference")
+    (tmp_path / "seed2" / "policy" / "eta20.json").write_text(json.dumps({"prompts": ["a", "c", "b"], "gold": [1, 0, 0]}))
+    with pytest.raises(SystemExit, match="seed 2: the two policies answered different prompts"):
+        study.policy_report(str(tmp_path), [1, 2], "eta20")
