@@ -101,15 +101,20 @@ def hierarchical_bootstrap(x, n_boot=2000, seed=0):
 POWER_Z = 0.8416  # the 80% quantile of the normal: detectable effects are quoted at 80% power
 
 
+def detectable(se, n_seeds):
+    """The smallest difference a design with this standard error and n_seeds seeds detects with
+    80% power (two-sided, 0.05): (t_{0.975, S-1} + z_0.8) * se."""
+    return (t_quantile(0.975, n_seeds - 1) + POWER_Z) * se
+
+
 def verdict(interval, n_seeds, what="gold", words=("better", "worse"), digits=2):
     """better / worse / no detectable difference, from a 95% interval of a paired difference,
     with the smallest difference this design detects with 80% power, (t_{S-1} + z_0.8) * se."""
     if n_seeds < 2:
         return "one seed: no verdict across seeds is possible"
-    t = t_quantile(0.975, n_seeds - 1)
-    detectable = (t + POWER_Z) * interval["se"]
     if interval["lo"] > 0:
         return words[0]
     if interval["hi"] < 0:
         return words[1]
-    return f"no detectable difference (this run detects |{what} difference| >= {detectable:.{digits}f} at 80% power)"
+    smallest = detectable(interval["se"], n_seeds)
+    return f"no detectable difference (this run detects |{what} difference| >= {smallest:.{digits}f} at 80% power)"

@@ -46,7 +46,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from significance import POWER_Z, hierarchical_bootstrap, holm, paired_t, seed_interval, t_quantile, verdict  # noqa: E402
+from significance import detectable, hierarchical_bootstrap, holm, paired_t, seed_interval, verdict  # noqa: E402
 
 BASE = "runs/smollm2"
 SFT = f"{BASE}/seed1/sft"
@@ -122,6 +122,13 @@ def build():
     return {"sft": digest(SFT), "pi_1": digest(PI_1), "cpu": cpu}
 
 
+def write_json(path, obj):
+    """Write under a temporary name, then rename: a killed run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def measure(rm_dir, samples, out, this_build):
     if os.path.exists(out):
         return
@@ -129,9 +136,7 @@ def measure(rm_dir, samples, out, this_build):
                         "--pairs", f"{DATA}/pairs_test.jsonl"], cwd=ROOT, check=True, capture_output=True, text=True)
     start = p.stdout.index("{\n")  # the JSON evaluate.py prints last
     result = {**json.loads(p.stdout[start:]), "build": this_build}
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_json(out, result)
     print(f"  {out}: gold agreement {result['shift/gold_agreement']:.4f}, accuracy {result['eval/accuracy']:.4f}",
           flush=True)
 
@@ -207,9 +212,7 @@ def run_policy(out_dir, seed, arm, this_build):
         prompts = [r["prompt"] for r in rows]
         result = {"rm": rm, "prompts": prompts, "gold": [task.gold(p, r["responses"][0]) for p, r in zip(prompts, rows)],
                   "build": this_build}
-        with open(out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_json(out, result)
         print(f"  {out}: mean gold {sum(result['gold']) / len(prompts):+.4f} on {len(prompts)} prompts", flush=True)
 
 
@@ -232,7 +235,7 @@ def policy_report(out_dir, seeds, arm):
     res = {"seeds": seeds, "arm": arm, "ppo_steps": PPO_STEPS, "diff": diff,
            "per_seed": {str(s): {rm: sum(gold[rm, s]["gold"]) / len(gold[rm, s]["gold"]) for rm in ("vanilla", arm)}
                         for s in seeds},
-           "verdict": verdict(diff, len(seeds), words=("better", "worse"), digits=3)}
+           "verdict": verdict(diff, len(seeds), digits=3)}
     lines = [f"PPO round 1 ({PPO_STEPS} steps) steered by {arm}'s RM against the vanilla RM; seeds "
              f"{' '.join(map(str, seeds))} ({len(seeds)}), {len(x[0])} test prompts each", "",
              f"| seed | vanilla RM: mean gold | {arm} RM: mean gold | difference |", "|---|---|---|---|"]
@@ -286,8 +289,7 @@ def report(out_dir, seeds, ratios):
                  for r in ratios}
         for a, adj in zip(tests, holm([t["p"] for t in tests.values()])):
             tests[a]["p_holm"] = adj
-            # the smallest difference this design detects with 80% power: (t_{0.975, n-1} + z_0.8) se
-            tests[a]["detectable"] = (t_quantile(0.975, len(seeds) - 1) + POWER_Z) * tests[a]["se"]
+            tests[a]["detectable"] = detectable(tests[a]["se"], len(seeds))  # at 80% power
         res["diffs"][m] = tests
     res["confirmation"] = confirmation_arm(res["diffs"])
     by_build = {}  # the build of SFT and pi_1 each seed was measured on (its vanilla arm's, as every arm's)
@@ -392,10 +394,7 @@ def main(argv=None):
                 run_policy(args.out_dir, s, args.arm, this_build)
             return
         res, text = policy_report(args.out_dir, seeds, args.arm)
-        name = os.path.join(args.out_dir, f"policy-{args.arm}-seeds" + "-".join(map(str, seeds)))
-        with open(name + ".json.tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(name + ".json.tmp", name + ".json")
+        write_json(os.path.join(args.out_dir, f"policy-{args.arm}-seeds" + "-".join(map(str, seeds)) + ".json"), res)
         print(text)
         return
     ratios = [float(r) for r in args.ratios.split()]
@@ -407,9 +406,7 @@ def main(argv=None):
     else:
         res, text = report(args.out_dir, seeds, ratios)
         name = os.path.join(args.out_dir, "report-seeds" + "-".join(map(str, seeds)))
-        with open(name + ".json.tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(name + ".json.tmp", name + ".json")
+        write_json(name + ".json", res)
         print(text)
         try:
             plot(res, name + ".png")
