@@ -16,6 +16,9 @@ pi_1 are shared. Per seed:
     python studies/pretrained_rm.py prepare                                  # the shared SFT model and pi_1
     python studies/pretrained_rm.py run    --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
     python studies/pretrained_rm.py report --seeds "1 2 3 4 5 6 7 8" --ratios "1 ..."
+    python studies/pretrained_rm.py run    --seeds "9 10 11 12 13 14 15 16" --ratios "<the arm's r>"   # the confirmation
+    python studies/pretrained_rm.py report --seeds "9 10 11 12 13 14 15 16" --ratios "<the arm's r>" \
+                                           --primary <out_dir>/report-seeds1-2-3-4-5-6-7-8.json
     python studies/pretrained_rm.py ratios --diagnostic docs/metastep-smollm2.json   # the eta grid
     python studies/pretrained_rm.py ppo        --seeds "4 5 6 7 8" --arm eta<r>   # part 3, at the policy
     python studies/pretrained_rm.py ppo_report --seeds "4 5 6 7 8" --arm eta<r>
@@ -28,7 +31,8 @@ the table: per arm the mean over seeds of each metric, and MetaRM minus vanilla 
 seed with its 95% t-interval, the two-sided paired t-test's p and Holm's adjustment across the
 eta values, with the smallest difference the seeds detect at 80% power (primary endpoint: gold
 agreement on H; significance.py holds the tests); then the arm the registered rule sends to the
-confirmation seeds, and (with matplotlib) a figure of the paired differences, seed by seed.
+confirmation seeds (or, with --primary <the primary set's report>, the confirmation's registered
+verdict), and (with matplotlib) a figure of the paired differences, seed by seed.
 `ppo` (part 3) trains PPO from SFT with a seed's vanilla RM and with its arm's RM and scores
 each policy's answers to the test prompts with the gold judge (seed<s>/policy/<rm>.json);
 `ppo_report` pairs them on (seed, prompt).
@@ -270,7 +274,13 @@ def ratios_for(diagnostic, targets=(0.01, 0.1, 1.0), point="end", form="first_or
 
 
 # ---------------------------------------------------------------------------------------------
-def report(out_dir, seeds, ratios):
+def report(out_dir, seeds, ratios, primary=None):
+    """The table of a set of seeds. With `primary` (the primary set's report, as report() wrote it)
+    this set is the confirmation: its one arm must be the one the primary report's rule picked, and
+    the verdict is the registered one for that rule (confirmation_verdict)."""
+    if primary is not None and [arm_name(r) for r in ratios] != [primary["confirmation"]["arm"]]:
+        raise SystemExit(f"the confirmation runs the arm the primary report picked, {primary['confirmation']['arm']}: "
+                         f"--ratios {' '.join(f'{r:g}' for r in ratios)} is another")
     values = {}
     for ratio in [None, *ratios]:
         for s in seeds:
@@ -291,7 +301,12 @@ def report(out_dir, seeds, ratios):
             tests[a]["p_holm"] = adj
             tests[a]["detectable"] = detectable(tests[a]["se"], len(seeds))  # at 80% power
         res["diffs"][m] = tests
-    res["confirmation"] = confirmation_arm(res["diffs"])
+    if primary is None:
+        res["confirmation"] = confirmation_arm(res["diffs"])
+    else:
+        arm = primary["confirmation"]["arm"]
+        res["confirms"] = {"arm": arm, "rule": primary["confirmation"]["rule"], "primary_seeds": primary["seeds"],
+                           "verdict": confirmation_verdict(res["diffs"][METRICS[0]][arm], primary["confirmation"]["rule"])}
     by_build = {}  # the build of SFT and pi_1 each seed was measured on (its vanilla arm's, as every arm's)
     for s in seeds:
         b = values["vanilla", s].get("build")
@@ -314,9 +329,26 @@ def report(out_dir, seeds, ratios):
         for a, t in res["diffs"][m].items():
             word = ("higher" if t["mean"] > 0 else "lower") if t["p_holm"] < 0.05 else "no detectable difference"
             lines.append(f"| {m} | {a} | {ci(t, 4)} | {t['p']:.3f} | {t['p_holm']:.3f} | {word} | {t['detectable']:.4f} |")
-    c = res["confirmation"]
-    lines += ["", f"the arm the registered rule sends to the confirmation seeds: {c['arm'] or 'none'} ({c['why']})"]
+    if primary is None:
+        c = res["confirmation"]
+        lines += ["", f"the arm the registered rule sends to the confirmation seeds: {c['arm'] or 'none'} ({c['why']})"]
+    else:
+        c = res["confirms"]
+        lines += ["", f"confirmation of {c['arm']} (the {c['rule']} branch of the rule, picked on seeds "
+                      f"{' '.join(map(str, c['primary_seeds']))}): {c['verdict']}"]
     return res, "\n".join(lines)
+
+
+def confirmation_verdict(t, rule):
+    """The registered verdict on the confirmation seeds, from the paired test of the primary
+    endpoint: after a gain, the gain is confirmed if its 95% interval lies above zero; after the
+    null, the null is kept if the interval contains zero."""
+    where = f"{ci(t, 4)}, detectable at 80% power {t['detectable']:.4f}"
+    if rule == "gain":
+        return ("the gain is confirmed" if t["lo"] > 0 else "the gain is not confirmed") + f" ({where})"
+    if t["lo"] <= 0 <= t["hi"]:
+        return f"the null is kept: the interval contains zero ({where})"
+    return f"the null is not kept: MetaRM is {'better' if t['lo'] > 0 else 'worse'} ({where})"
 
 
 def confirmation_arm(diffs):
@@ -374,6 +406,8 @@ def main(argv=None):
     p.add_argument("--ratios", default="", help="eta / alpha of the MetaRM arms, space separated")
     p.add_argument("--out_dir", default="runs/study-pretrained-rm")
     p.add_argument("--arm", default="", help="ppo, ppo_report: the MetaRM arm whose RM steers PPO against vanilla's (e.g. eta2000)")
+    p.add_argument("--primary", default="", help="report: the primary set's report (report-seeds<...>.json); "
+                   "this set is then its confirmation, and gets the registered verdict")
     p.add_argument("--diagnostic", default="docs/metastep-smollm2.json", help="ratios: tools/metastep.py's --out")
     args = p.parse_args(argv)
     if args.mode == "ratios":
@@ -404,7 +438,11 @@ def main(argv=None):
         for s in seeds:
             run_seed(args.out_dir, s, ratios, this_build)
     else:
-        res, text = report(args.out_dir, seeds, ratios)
+        primary = None
+        if args.primary:
+            with open(args.primary) as f:
+                primary = json.load(f)
+        res, text = report(args.out_dir, seeds, ratios, primary)
         name = os.path.join(args.out_dir, "report-seeds" + "-".join(map(str, seeds)))
         write_json(name + ".json", res)
         print(text)

@@ -118,6 +118,30 @@ def test_the_report_by_hand(tmp_path):
     assert res["builds"] == {"1 2 3": B} and "seeds 1 2 3: sft s, pi_1 p (c)" in text
 
 
+def test_the_confirmation_verdict_follows_the_registered_rule(tmp_path):
+    """After the null, the null is kept when the confirmation's interval contains zero; after a
+    gain, the gain is confirmed only when its interval lies above zero. The confirmation report
+    runs only the arm the primary report picked."""
+    t = lambda lo, hi: {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "detectable": 0.01}
+    assert study.confirmation_verdict(t(-0.007, 0.011), "null").startswith("the null is kept")
+    assert study.confirmation_verdict(t(0.001, 0.02), "null").startswith("the null is not kept: MetaRM is better")
+    assert study.confirmation_verdict(t(-0.02, -0.001), "null").startswith("the null is not kept: MetaRM is worse")
+    assert study.confirmation_verdict(t(0.001, 0.02), "gain").startswith("the gain is confirmed")
+    assert study.confirmation_verdict(t(-0.001, 0.02), "gain").startswith("the gain is not confirmed")
+    import json
+    for s in (4, 5, 6):  # gold differences -0.01, +0.01, +0.003: the interval holds zero
+        (tmp_path / f"seed{s}" / "measure").mkdir(parents=True)
+        for arm, g in (("vanilla", 0.5), ("eta2000", 0.5 + {4: -0.01, 5: 0.01, 6: 0.003}[s])):
+            m = {"shift/gold_agreement": g, "eval/accuracy": 0.6, "shift/J": 0.4, "shift/dr_var": 0.1}
+            (tmp_path / f"seed{s}" / "measure" / f"{arm}.json").write_text(json.dumps(m))
+    primary = {"seeds": [1, 2, 3], "confirmation": {"arm": "eta2000", "rule": "null"}}
+    res, text = study.report(str(tmp_path), [4, 5, 6], [2000.0], primary)
+    assert res["confirms"]["verdict"].startswith("the null is kept") and "confirmation of eta2000" in text
+    assert "confirmation" not in res  # the rule that picks an arm is the primary set's, not run here
+    with pytest.raises(SystemExit, match="the confirmation runs the arm the primary report picked, eta2000"):
+        study.report(str(tmp_path), [4, 5, 6], [200.0], primary)
+
+
 def test_the_figure_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")  # optional: report prints the table without it
     res = {"seeds": [1, 2], "per_seed": {"vanilla": {m: [0.5, 0.4] for m in study.METRICS},
