@@ -278,6 +278,8 @@ def report(out_dir, seeds, ratios, primary=None):
     """The table of a set of seeds. With `primary` (the primary set's report, as report() wrote it)
     this set is the confirmation: its one arm must be the one the primary report's rule picked, and
     the verdict is the registered one for that rule (confirmation_verdict)."""
+    if primary is not None and primary["confirmation"]["arm"] is None:
+        raise SystemExit(f"the primary report picked no arm to confirm ({primary['confirmation']['why']})")
     if primary is not None and [arm_name(r) for r in ratios] != [primary["confirmation"]["arm"]]:
         raise SystemExit(f"the confirmation runs the arm the primary report picked, {primary['confirmation']['arm']}: "
                          f"--ratios {' '.join(f'{r:g}' for r in ratios)} is another")
@@ -301,12 +303,15 @@ def report(out_dir, seeds, ratios, primary=None):
             tests[a]["p_holm"] = adj
             tests[a]["detectable"] = detectable(tests[a]["se"], len(seeds))  # at 80% power
         res["diffs"][m] = tests
-    if primary is None:
-        res["confirmation"] = confirmation_arm(res["diffs"])
-    else:
-        arm = primary["confirmation"]["arm"]
-        res["confirms"] = {"arm": arm, "rule": primary["confirmation"]["rule"], "primary_seeds": primary["seeds"],
-                           "verdict": confirmation_verdict(res["diffs"][METRICS[0]][arm], primary["confirmation"]["rule"])}
+    if primary is None:  # the primary set: which arm the confirmation seeds run
+        c = res["confirmation"] = confirmation_arm(res["diffs"])
+        closing = f"the arm the registered rule sends to the confirmation seeds: {c['arm'] or 'none'} ({c['why']})"
+    else:  # the confirmation: its registered verdict
+        arm, rule = primary["confirmation"]["arm"], primary["confirmation"]["rule"]
+        c = res["confirms"] = {"arm": arm, "rule": rule, "primary_seeds": primary["seeds"],
+                               "verdict": confirmation_verdict(res["diffs"][METRICS[0]][arm], rule)}
+        closing = (f"confirmation of {arm} (the {rule} branch of the rule, picked on seeds "
+                   f"{' '.join(map(str, c['primary_seeds']))}): {c['verdict']}")
     by_build = {}  # the build of SFT and pi_1 each seed was measured on (its vanilla arm's, as every arm's)
     for s in seeds:
         b = values["vanilla", s].get("build")
@@ -329,13 +334,7 @@ def report(out_dir, seeds, ratios, primary=None):
         for a, t in res["diffs"][m].items():
             word = ("higher" if t["mean"] > 0 else "lower") if t["p_holm"] < 0.05 else "no detectable difference"
             lines.append(f"| {m} | {a} | {ci(t, 4)} | {t['p']:.3f} | {t['p_holm']:.3f} | {word} | {t['detectable']:.4f} |")
-    if primary is None:
-        c = res["confirmation"]
-        lines += ["", f"the arm the registered rule sends to the confirmation seeds: {c['arm'] or 'none'} ({c['why']})"]
-    else:
-        c = res["confirms"]
-        lines += ["", f"confirmation of {c['arm']} (the {c['rule']} branch of the rule, picked on seeds "
-                      f"{' '.join(map(str, c['primary_seeds']))}): {c['verdict']}"]
+    lines += ["", closing]
     return res, "\n".join(lines)
 
 
@@ -442,6 +441,8 @@ def main(argv=None):
         if args.primary:
             with open(args.primary) as f:
                 primary = json.load(f)
+            if "confirmation" not in primary:
+                p.error(f"--primary {args.primary}: not a primary set's report (it names no confirmation arm)")
         res, text = report(args.out_dir, seeds, ratios, primary)
         name = os.path.join(args.out_dir, "report-seeds" + "-".join(map(str, seeds)))
         write_json(name + ".json", res)

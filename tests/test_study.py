@@ -140,6 +140,9 @@ def test_the_confirmation_verdict_follows_the_registered_rule(tmp_path):
     assert "confirmation" not in res  # the rule that picks an arm is the primary set's, not run here
     with pytest.raises(SystemExit, match="the confirmation runs the arm the primary report picked, eta2000"):
         study.report(str(tmp_path), [4, 5, 6], [200.0], primary)
+    none = {"seeds": [1, 2, 3], "confirmation": {"arm": None, "rule": "null", "why": "every arm's accuracy is lower"}}
+    with pytest.raises(SystemExit, match="the primary report picked no arm to confirm"):
+        study.report(str(tmp_path), [4, 5, 6], [2000.0], none)
 
 
 def test_the_figure_is_drawn(tmp_path):
