@@ -37,6 +37,7 @@ say() { echo "$@" >&"${SAY_FD:-1}"; }  # a branch's status lines, even when its 
 stage() {  # stage NAME OUTPUT MARKER command...   (done when MARKER exists)
   local name=$1 out=$2 marker=$3; shift 3
   if [ "$DIRTY" = 0 ] && [ -e "$marker" ]; then say "[skip] $name"; return 0; fi
+  if [ -n "${STOP:-}" ] && [ -e "$STOP" ]; then exit 1; fi  # another branch of the seed failed: start nothing
   if [ "$DIRTY" = 1 ]; then rm -rf "$out"; fi  # something before it changed: redo from scratch
   DIRTY=1
   say "[run ] $name"
@@ -77,13 +78,16 @@ record() {  # record SEED NAME KEY=VALUE ...: a value inside the seed's folder i
 kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -TERM "$1" 2>/dev/null || true; }
 trap 'for c in $(pgrep -P $$); do kill_tree "$c"; done; echo "iterate.sh: stopped" >&2; exit 130' INT TERM
 
-side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in
-  local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone"  # its NEEDS (comma
-  shift        # separated; - for none) have ended, LANES at a time, the first ready in the order given.
+# side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once the branches named in its NEEDS (comma
+# separated; - for none) have ended, LANES at a time, the first ready in the order given. Once one
+# fails, nothing new starts: the running branches end the stage they are in (stage reads STOP).
+side_by_side() {
+  local SEED=$1 i n ready pid st failed="" log ALONE="$RUN_DIR/seed$1/.alone" STOP="$RUN_DIR/seed$1/.stop"
+  shift
   # A branch starts with DIRTY set (its stages redone) if one of its NEEDS was redone in this run
   # (ran a stage or started dirty: it says so in .redone/NAME), or for -, if DIRTY is set now.
   local redo="$RUN_DIR/seed$SEED/.redone" before=$DIRTY
-  rm -rf "$ALONE" "$redo" && mkdir -p "$redo"
+  rm -rf "$ALONE" "$STOP" "$redo" && mkdir -p "$redo"
   local -a name=() needs=() command=()
   local -A state=() name_of=() redone=()
   while [ $# -gt 0 ]; do name+=("$1"); needs+=("$2"); command+=("$3"); shift 3; done
@@ -113,11 +117,11 @@ side_by_side() {  # side_by_side SEED NAME NEEDS COMMAND ...: each COMMAND once 
     fi
     st=0
     wait -n -p pid || st=$?
-    if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; fi
+    if [ "$st" = 0 ]; then state[${name_of[$pid]}]=done; else state[${name_of[$pid]}]=failed; failed=1; : > "$STOP"; fi
     [ "$st" != 0 ] || redone[${name_of[$pid]}]=$(cat "$redo/${name_of[$pid]}")
     unset "name_of[$pid]"
   done
-  rm -rf "$ALONE" "$redo"
+  rm -rf "$ALONE" "$STOP" "$redo"
   [ -z "$failed" ] || exit 1
   for i in "${!name[@]}"; do  # a branch waiting for one that is not there would be skipped silently
     [ -n "${state[${name[$i]}]:-}" ] || fail "branch ${name[$i]} waits for '${needs[$i]}', which never ran"

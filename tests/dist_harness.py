@@ -1,10 +1,12 @@
 """Run by test_distributed.py as one process or under torchrun (DDP or FSDP2): a few steps of
 every stage through its real entry point, with the same global batches, so that the logged
-losses can be compared across world sizes; one PPO update on fixed roll-outs; and a checkpoint
-written at one world size and read at another.
+losses can be compared across world sizes (the reward model and first_order MetaRM with gradient
+checkpointing, as the 7B presets train them); the meta data sampled, each process a share; one
+step of the PPO stage; one PPO update on fixed roll-outs; and a checkpoint written at one world
+size and read at another.
 
-    python tests/dist_harness.py single OUT MICRO_ROOT
-    torchrun --nproc_per_node 2 tests/dist_harness.py fsdp OUT MICRO_ROOT
+    python tests/dist_harness.py single OUT CONFIG_JSON
+    torchrun --nproc_per_node 2 tests/dist_harness.py fsdp OUT CONFIG_JSON
 """
 import json
 import os
@@ -22,6 +24,7 @@ import metarm  # noqa: E402
 import ppo  # noqa: E402
 import reward_model as rm  # noqa: E402
 import run_folder  # noqa: E402
+import sample  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -31,7 +34,7 @@ def stages(strategy, out, micro):
     sft.main(["--model_name_or_path", micro["base"], "--data", f"{d}/sft.jsonl", "--output_dir", f"{out}/sft",
               "--max_steps", "3", "--global_batch", "8", *s])
     rm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
-             "--output_dir", f"{out}/rm", "--max_steps", "3", "--global_batch", "8", *s])
+             "--output_dir", f"{out}/rm", "--max_steps", "3", "--global_batch", "8", "--gradient_checkpointing", "true", *s])
     dpo.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
               "--output_dir", f"{out}/dpo", "--max_steps", "3", "--global_batch", "8", *s])
     modes = ["first_order"] + (["exact", "taylor"] if strategy != "fsdp" else [])
@@ -45,7 +48,13 @@ def stages(strategy, out, micro):
         metarm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
                      "--meta_data", micro["meta"], "--output_dir", f"{out}/metarm_{mode}", "--meta_grad", mode,
                      "--max_steps", "3", "--global_batch", "8", "--meta_batch", "4", *s,
+                     "--gradient_checkpointing", "true" if mode == "first_order" else "false",
                      "--eta", "0.5"])  # an ascent step large enough to matter (the default eta = alpha barely moves theta')
+    sample.main(["--policy_dir", micro["sft"], "--prompts", f"{d}/prompts_train.jsonl", "--k", "2", "--max_prompts", "7",
+                 "--output_dir", f"{out}/samples", "--max_new_tokens", "6", *s])  # 7 prompts: one process has 3, one 4
+    ppo.main(["--policy_dir", micro["sft"], "--rm_dir", micro["rm"], "--prompts", f"{d}/prompts_train.jsonl",
+              "--output_dir", f"{out}/ppo", "--steps", "1", "--queries", "2", "--rollouts_per_query", "2",
+              "--max_new_tokens", "6", *s])
 
 
 def ppo_update(strategy, out, micro, d):

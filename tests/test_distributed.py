@@ -1,21 +1,26 @@
-"""Two CPU processes (gloo) under torchrun, with DDP and with FSDP2, against one process with
-the same global batches: every stage (DPO included) logs the same losses (relative tolerance 1e-4: only the
-order of floating-point sums differs), a first_order meta-step updates the parameters alike,
-a PPO update on fixed roll-outs gives the same losses, checkpoints reload across world sizes,
-and FSDP2 holds half of the parameters on each process."""
+"""Two CPU processes (gloo) under torchrun, started as iterate.sh starts a stage, with DDP and
+with FSDP2, against one process with the same global batches: every stage (DPO included) logs the
+same losses (relative tolerance 1e-4: only the order of floating-point sums differs), with
+gradient checkpointing where the 7B presets use it; a first_order meta-step updates the
+parameters alike; the meta data come back whole and in order; the PPO stage runs a step; a PPO
+update on fixed roll-outs gives the same losses; checkpoints reload across world sizes; and FSDP2
+holds half of the parameters on each process."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import cli
+import data
 import distributed
 import loading
 import ppo
 import run_folder
 import sample
-from conftest import metrics, run_script
+from conftest import ROOT, metrics
 
 pytestmark = pytest.mark.slow  # torchrun
 REL = 1e-4
@@ -34,8 +39,20 @@ def runs(micro, micro_sft, micro_rm, tmp_path_factory):
         with open(cfg, "w") as f:
             json.dump({**info, "other_ckpt": str(root / "single" / "ckpt") if name != "single" else None}, f)
         out[name] = str(root / name)
-        out[f"{name}_stderr"] = run_script("tests/dist_harness.py", name, out[name], cfg, nproc=nproc).stderr
+        out[f"{name}_stderr"] = launch(nproc, "tests/dist_harness.py", name, out[name], cfg).stderr
     return out
+
+
+def launch(nproc, *argv):
+    """Start a script as iterate.sh starts a stage: its `launch` (iterate/scheduling.sh), run by
+    bash with NPROC processes (python, or torchrun)."""
+    script = 'source <(sed -n "/^one_process() /p; /^launch() {/,/^}/p" iterate/scheduling.sh); launch "$@"'
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NPROC": str(nproc),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}  # this python's torchrun
+    p = subprocess.run(["bash", "-c", script, "launch", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"launch {' '.join(argv)} with NPROC={nproc}: {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
 
 
 def test_fsdp_reward_model_output_is_not_a_view(runs):
@@ -60,6 +77,29 @@ def test_stage_losses_match_one_process(runs, strategy, stage, key):
         J1 = [r["meta/J"] for r in metrics(os.path.join(runs["single"], stage)) if "meta/J" in r]
         J2 = [r["meta/J"] for r in metrics(os.path.join(runs[strategy], stage)) if "meta/J" in r]
         assert J2 == pytest.approx(J1, rel=REL)
+
+
+@pytest.mark.parametrize("strategy,stage", [(s, stage) for s in ("ddp", "fsdp") for stage in ("rm", "metarm_first_order")])
+def test_stages_record_their_world_and_gradient_checkpointing(runs, strategy, stage):
+    with open(os.path.join(runs[strategy], stage, "args.json")) as f:
+        made = json.load(f)
+    assert (made["world_size"], made["strategy"], made["gradient_checkpointing"]) == (2, strategy, True)
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp"])
+def test_each_process_samples_a_share_and_every_prompt_comes_back_once_in_order(runs, micro, strategy):
+    rows = data.load_meta(os.path.join(runs[strategy], "samples", "meta.jsonl"))
+    prompts = [p for p, _ in data.load_prompts(f"{micro['data']}/prompts_train.jsonl")][:7]
+    assert [p for p, _, _ in rows] == prompts and all(len(rs) == 2 for _, rs, _ in rows)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_ppo_stage_runs_a_step(runs, strategy):
+    folder = os.path.join(runs[strategy], "ppo")
+    assert run_folder.is_done(folder) and [r["step"] for r in metrics(folder) if "step" in r] == [1]
+    with open(os.path.join(folder, "args.json")) as f:
+        made = json.load(f)
+    assert (made["world_size"], made["strategy"]) == (2, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

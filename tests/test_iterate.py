@@ -171,12 +171,11 @@ def test_a_product_gives_the_same_bits_with_one_or_two_threads():
     MKL otherwise splits over the threads - a score head's weight gradient, [1, K] x [K, hidden] -
     gives the same bits with 1 and 2 threads: a stage's numbers do not depend on whether it ran
     beside another branch or alone."""
-    code = ("import hashlib, sys, torch; torch.manual_seed(0); g, h = torch.randn(1, 8192), torch.randn(8192, 128); "
-            "torch.set_num_threads(int(sys.argv[1])); print(hashlib.sha256((g @ h).numpy().tobytes()).hexdigest())")
-    script = f'source <(grep "^export MKL_CBWR" iterate/scheduling.sh); python -c {shlex.quote(code)} "$0"'
-    out = [subprocess.run(["bash", "-c", script, n], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-           for n in ("1", "2")]
-    assert out[0] == out[1] and len(out[0]) == 65
+    code = ("import hashlib, torch; torch.manual_seed(0); g, h = torch.randn(1, 8192), torch.randn(8192, 128)\n"
+            "for n in (1, 2): torch.set_num_threads(n); print(hashlib.sha256((g @ h).numpy().tobytes()).hexdigest())")
+    script = f'source <(grep "^export MKL_CBWR" iterate/scheduling.sh); python -c {shlex.quote(code)}'
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert len(out) == 2 and out[0] == out[1] and len(out[0]) == 64
 
 
 def test_the_record_of_later_rounds_names_vanilla_ppos_snapshots(tmp_path):
@@ -382,10 +381,11 @@ def test_interrupt_ends_every_stage_started(micro, micro_sft, tmp_path):
 
 def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, micro_sft, tmp_path):
     """A stage that fails in a branch run side by side (the vanilla RM, beside the SFT samples): the
-    other running branch ends its stage, nothing new starts, no evaluation; the message names the
-    stage, its folder and its log, where the error is."""
+    other running branch ends its stage, the branches that wait for the failed one never start, no
+    evaluation; the message names the stage, its folder and its log, where the error is. (A
+    running branch starts no further stage: test_a_running_branch_starts_no_stage_after_a_failure.)"""
     run_dir = with_sft(str(tmp_path / "run"), micro_sft)
-    p = iterate(run_dir, micro, check=False, ARMS="metarm vanilla", LANES="2",
+    p = iterate(run_dir, micro, check=False, ARMS="vanilla", LANES="2",  # vanilla PPO, then the arm, wait for the RM
                 RM_ARGS="--max_steps 4 --global_batch 100000")  # parses; the data has fewer rows
     log = os.path.join(run_dir, "seed1", "rm.log")
     assert p.returncode == 1, p.stdout + p.stderr
@@ -394,6 +394,25 @@ def test_a_failed_branch_stops_the_seed_and_names_its_log(micro, micro_sft, tmp_
     assert "--global_batch" in open(log).read()
     ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
     done = re.findall(r"^\[done\] (.*) \(\d+ s, \d+ thread\(s\)\)$", p.stdout, re.M)
-    assert "seed 1: sample the meta data from sft" in ran  # the branch beside it
-    assert "seed 1: evaluate" not in ran and set(ran) - {"seed 1: vanilla reward model"} == set(done)
+    assert sorted(ran) == ["seed 1: sample the meta data from sft", "seed 1: vanilla reward model"]  # and the branch beside it
+    assert done == ["seed 1: sample the meta data from sft"]
     assert subprocess.run(["flock", "-n", os.path.join(run_dir, "LOCK"), "true"]).returncode == 0
+
+
+def test_a_running_branch_starts_no_stage_after_a_failure(tmp_path):
+    """side_by_side (iterate/scheduling.sh), run by bash as iterate.sh runs it, with stand-in stages:
+    branch a fails while branch b's first stage runs; b ends that stage and does not start its
+    second, and c, which waits for b, never starts; side_by_side exits 1."""
+    stop = tmp_path / "seed1" / ".stop"
+    wait_for_the_failure = f"for i in $(seq 200); do [ -e {shlex.quote(str(stop))} ] && exit 0; sleep 0.05; done; exit 0"
+    script = ('source iterate/scheduling.sh; fail() { echo "$*" >&2; exit 2; }; LANES=2; mkdir -p "$RUN_DIR/seed1"; '
+              'a() { stage a1 "$RUN_DIR/a1" "$RUN_DIR/a1/DONE" false; }; '
+              'b() { stage b1 "$RUN_DIR/b1" "$RUN_DIR/b1/DONE" bash -c "$WAIT"; stage b2 "$RUN_DIR/b2" "$RUN_DIR/b2/DONE" true; }; '
+              'c() { stage c1 "$RUN_DIR/c1" "$RUN_DIR/c1/DONE" true; }; '
+              'side_by_side 1 b - b a - a c b c')
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RUN_DIR": str(tmp_path), "WAIT": wait_for_the_failure})
+    ran = re.findall(r"^\[run \] (.*)$", p.stdout, re.M)
+    done = re.findall(r"^\[done\] (\S+)", p.stdout, re.M)
+    assert p.returncode == 1 and sorted(ran) == ["a1", "b1"] and done == ["b1"], p.stdout + p.stderr
+    assert "iterate.sh: stage 'a1' failed" in p.stdout and not stop.exists()

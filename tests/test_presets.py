@@ -1,8 +1,8 @@
 """The paper's 7B presets rehearsed end to end: `PRESET=llama2-7b-hh` and `PRESET=llama2-7b-tldr
 bash iterate.sh` with the presets' own stage settings (lengths 512, truncation, bad rows skipped,
-gradient checkpointing, FSDP, k = 5 samples of 256 / 64 tokens, 16 roll-outs per query), one round
-of one PPO step, the model replaced by a small one and the hub data sets by local files in their
-real schemas and real lengths: multi-turn HH-RLHF transcripts of 300-600 tokens, TL;DR posts with
+gradient checkpointing, --strategy fsdp, k = 5 samples of 256 / 64 tokens, 16 roll-outs per
+query), one round of one PPO step, one process a stage, the model replaced by a small one and the
+hub data sets by local files in their real schemas and real lengths: multi-turn HH-RLHF transcripts of 300-600 tokens, TL;DR posts with
 their comparisons. What only the real path does - long rows, cuts, chat text, the preset's lengths
 in every stage and in the evaluation - runs on every CI run."""
 import json
@@ -95,13 +95,15 @@ def small_model(micro, tmp_path_factory):
     return out
 
 
-def rehearse(preset, files, small_model, judge, tmp_path, nproc):
+def rehearse(preset, files, small_model, judge, tmp_path):
     """iterate.sh with the preset's own settings, one round of one PPO step, smaller only in counts
     that change no length and no path: PPO's 2 queries (x the preset's 16 roll-outs; it has 8) and
-    16 prompts of meta data (x 5 samples: one MetaRM meta batch; it has every training prompt)."""
+    16 prompts of meta data (x 5 samples: one MetaRM meta batch; it has every training prompt); one
+    process per stage (each stage under torchrun with two processes and FSDP2, gradient
+    checkpointing on, started by iterate.sh's launch: tests/test_distributed.py)."""
     ppo_args = preset_settings(preset, "PPO_ARGS")["PPO_ARGS"] + " --queries 2"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRESET": preset, "RUN_DIR": str(tmp_path / "run"),
-           "MODEL": small_model, "JUDGE": judge, "NPROC": str(nproc), "ROUNDS": "1", "PPO_STEPS": "1",
+           "MODEL": small_model, "JUDGE": judge, "NPROC": "1", "ROUNDS": "1", "PPO_STEPS": "1",
            "ARMS": "metarm", "PPO_ARGS": ppo_args, "META_N": "16", **files}  # the vanilla arm's round 1 is vanilla PPO's
     for v in ("SFT_ARGS", "RM_ARGS", "METARM_ARGS", "SAMPLE_ARGS", "EVAL_ARGS", "DIST"):
         env.pop(v, None)  # the preset's own
@@ -152,9 +154,9 @@ def test_hh_preset_rehearsed(micro, micro_rm, small_model, tmp_path):
     pairs = write(d / "train.jsonl", train, bad_row={"chosen": "no dialogue structure", "rejected": "x"})
     files = {"SFT_DATA": pairs, "PAIRS": pairs, "PROMPTS": pairs,
              "EVAL_PAIRS": write(d / "test.jsonl", test), "TEST_PROMPTS": write(d / "test_prompts.jsonl", test)}
-    out, run = rehearse("llama2-7b-hh", files, small_model, micro_rm, tmp_path, nproc=2)
+    out, run = rehearse("llama2-7b-hh", files, small_model, micro_rm, tmp_path)
     check_lengths(run, out, 256)
-    assert stage_args(run / "metarm/round1/rm")["world_size"] == 2 and stage_args(run / "sft")["strategy"] == "fsdp"
+    assert stage_args(run / "sft")["strategy"] == "fsdp"  # the preset's DIST, passed to every stage
     assert len(data.load_pairs(pairs, skip_bad=True)) == 32
 
 
