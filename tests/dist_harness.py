@@ -1,7 +1,7 @@
 """Run by test_distributed.py as one process or under torchrun (DDP or FSDP2): a few steps of
 every stage through its real entry point, with the same global batches, so that the logged
 losses can be compared across world sizes (the reward model and first_order MetaRM with gradient
-checkpointing, as the 7B presets train them); the meta data sampled, each process a share; one
+checkpointing, as the 7B presets train them); the bilevel RM's steps; the meta data sampled, each process a share; one
 step of the PPO stage; one PPO update on fixed roll-outs; and a checkpoint written at one world
 size and read at another.
 
@@ -15,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bilevel_rm  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
@@ -38,12 +39,19 @@ def stages(strategy, out, micro):
     dpo.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
               "--output_dir", f"{out}/dpo", "--max_steps", "3", "--global_batch", "8", *s])
     modes = ["first_order"] + (["exact", "taylor"] if strategy != "fsdp" else [])
+    bilevel = ["--sft_dir", micro["sft"], "--init_rm", micro["rm"], "--data", f"{d}/pairs_train.jsonl",
+               "--eval_data", f"{d}/pairs_test.jsonl", "--support", micro["meta"], "--output_dir", f"{out}/bilevel",
+               "--steps", "3", "--support_prompts", "2", "--query_pairs", "4", "--lr", "1e-3", *s]
     if strategy == "fsdp":  # the second-order forms must refuse, with the reason
-        try:
-            metarm.main(["--meta_data", micro["meta"], "--meta_grad", "exact", "--output_dir", f"{out}/refused", *s])
-        except cli.UserError as e:
-            with open(f"{out}/refused.txt", "w") as f:
-                f.write(str(e))
+        for name, stage, argv in (("metarm", metarm, ["--meta_data", micro["meta"], "--meta_grad", "exact",
+                                                      "--output_dir", f"{out}/refused", *s]), ("bilevel", bilevel_rm, bilevel)):
+            try:
+                stage.main(argv)
+            except cli.UserError as e:
+                with open(f"{out}/refused_{name}.txt", "w") as f:
+                    f.write(str(e))
+    else:  # each process one of a step's two training distributions (one process: both)
+        bilevel_rm.main(bilevel)
     for mode in modes:
         metarm.main(["--sft_dir", micro["sft"], "--data", f"{d}/pairs_train.jsonl", "--eval_data", f"{d}/pairs_test.jsonl",
                      "--meta_data", micro["meta"], "--output_dir", f"{out}/metarm_{mode}", "--meta_grad", mode,

@@ -1,6 +1,7 @@
 """bilevel_rm.py: the inner objective against the closed-form optimum of the KL-regularised
 problem, the hypergradient against finite differences and against one autograd graph through
-theta, one step under DDP against one process, and its input errors."""
+theta, a stopped run resumed, and its input errors. (One step under DDP against one process:
+tests/test_distributed.py.)"""
 import json
 import math
 import types
@@ -13,7 +14,7 @@ import cli
 import data
 import measure
 import modeling
-from conftest import VOCAB, assert_cli_error, metrics, run_script, tiny_reward_model
+from conftest import VOCAB, assert_cli_error, metrics, tiny_reward_model
 
 
 # --- the inner problem ------------------------------------------------------------------------
@@ -138,26 +139,6 @@ def stage_argv(micro, micro_sft, micro_rm, support, out, *more):
     return ["bilevel_rm.py", "--sft_dir", micro_sft, "--init_rm", micro_rm, "--data", f"{micro['data']}/pairs_train.jsonl",
             "--eval_data", f"{micro['data']}/pairs_test.jsonl", "--support", support, "--output_dir", str(out),
             "--steps", "3", "--support_prompts", "2", "--query_pairs", "4", "--lr", "1e-3", *more]
-
-
-@pytest.mark.slow
-def test_one_step_under_ddp_equals_one_process(micro, micro_sft, micro_rm, support, tmp_path):
-    """Two processes (gloo), each with one of the step's two distributions, against one process
-    with both: the same logged outer losses and the same weights."""
-    from safetensors.torch import load_file
-    for name, nproc in (("one", 1), ("two", 2)):
-        run_script(*stage_argv(micro, micro_sft, micro_rm, support, tmp_path / name), nproc=nproc)
-    one, two = (metrics(tmp_path / n) for n in ("one", "two"))
-    key = "train/L_outer"
-    assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-6)
-    w1, w2 = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
-    start = load_file(f"{micro_rm}/model.safetensors")
-    assert any(not torch.equal(w1[n], start[n]) for n in w1)  # theta moved
-    for n in w1:
-        assert torch.allclose(w1[n], w2[n], rtol=1e-5, atol=1e-7), n
-    with open(tmp_path / "one" / "DONE") as f:
-        done = json.load(f)
-    assert len(done["distributions"]) >= 2 and "eval/accuracy" in done and "shift/gold_agreement" in done
 
 
 def test_support_without_training_distributions_is_refused(micro, micro_sft, micro_rm, tmp_path, capsys):

@@ -2,9 +2,9 @@
 with FSDP2, against one process with the same global batches: every stage (DPO included) logs the
 same losses (relative tolerance 1e-4: only the order of floating-point sums differs), with
 gradient checkpointing where the 7B presets use it; a first_order meta-step updates the
-parameters alike; the meta data come back whole and in order; the PPO stage runs a step; a PPO
-update on fixed roll-outs gives the same losses; checkpoints reload across world sizes; and FSDP2
-holds half of the parameters on each process."""
+parameters alike, and so does a bilevel RM step under DDP; the meta data come back whole and in
+order; the PPO stage runs a step; a PPO update on fixed roll-outs gives the same losses;
+checkpoints reload across world sizes; and FSDP2 holds half of the parameters on each process."""
 import json
 import os
 import subprocess
@@ -151,7 +151,26 @@ def test_fsdp_holds_half_the_parameters_per_process(runs, micro):
     assert sum(sizes) >= total and max(sizes) <= total / 2 + 1000  # dim-0 sharding pads a few rows
 
 
-def test_second_order_forms_refuse_fsdp(runs):
-    with open(os.path.join(runs["fsdp"], "refused.txt")) as f:
+@pytest.mark.parametrize("stage,advice", [("metarm", "first_order"), ("bilevel", "--strategy ddp")])
+def test_second_order_forms_refuse_fsdp(runs, stage, advice):
+    with open(os.path.join(runs["fsdp"], f"refused_{stage}.txt")) as f:
         message = f.read()
-    assert "first_order" in message and "FSDP2" in message
+    assert advice in message and "FSDP2" in message
+
+
+def test_a_bilevel_step_under_ddp_equals_one_process(runs, micro_rm):
+    """Two processes, each with one of the step's two distributions, against one process with both:
+    the same logged outer losses and the same weights."""
+    from safetensors.torch import load_file
+    one, two = (metrics(os.path.join(runs[n], "bilevel")) for n in ("single", "ddp"))
+    key = "train/L_outer"
+    assert len([r for r in one if key in r]) == 3
+    assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-6)
+    w1, w2 = (load_file(os.path.join(runs[n], "bilevel", "model.safetensors")) for n in ("single", "ddp"))
+    start = load_file(f"{micro_rm}/model.safetensors")
+    assert any(not torch.equal(w1[n], start[n]) for n in w1)  # theta moved (by about 2e-3)
+    for n in w1:  # Adam's m / sqrt(v) turns the sums' last bits into up to ~5e-7 where a gradient is near 0
+        assert torch.allclose(w1[n], w2[n], rtol=1e-5, atol=1e-6), n
+    with open(os.path.join(runs["single"], "bilevel", "DONE")) as f:
+        done = json.load(f)
+    assert len(done["distributions"]) >= 2 and "eval/accuracy" in done and "shift/gold_agreement" in done
