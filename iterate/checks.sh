@@ -58,10 +58,13 @@ for A in $ARMS; do
   fi
 done
 
-# Each stage's extra flags parse before the first stage runs (one python start for all of them).
-python tools/check_flags.py SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" \
-  PPO_ARGS "${PPO_ARGS:-}" SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" \
-  EVAL_ARGS "${EVAL_ARGS:-}" || exit 2
+# Each stage's extra flags parse before the first stage runs (one python start for all of them),
+# unless this RUN_DIR has checked these very flags already (RUN_DIR/flags_checked, written below).
+FLAGS=(SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" PPO_ARGS "${PPO_ARGS:-}"
+       SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" EVAL_ARGS "${EVAL_ARGS:-}")
+if [ "$(cat "$RUN_DIR/flags_checked" 2>/dev/null)" != "$(printf '%s\n' "${FLAGS[@]}")" ]; then
+  python tools/check_flags.py "${FLAGS[@]}" || exit 2
+fi
 
 # ---- one iterate.sh per RUN_DIR, and a RUN_DIR stands for one set of settings ------------------
 mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || fail "cannot write in RUN_DIR=$RUN_DIR"
@@ -89,3 +92,4 @@ if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]
     | sed -n 's/^< /before /p; s/^> /now /p' | tr '\n' ';' | sed 's/;/; /g')use another RUN_DIR, or delete it"
 fi
 echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
+printf '%s\n' "${FLAGS[@]}" > "$RUN_DIR/flags_checked.tmp" && mv "$RUN_DIR/flags_checked.tmp" "$RUN_DIR/flags_checked"

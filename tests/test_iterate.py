@@ -240,10 +240,10 @@ def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
     branches side by side; SFT, the evaluation, and any stage the last branch starts alone, with
     all the cores): the same models, bit for bit, and the same evaluation."""
     par = str(tmp_path / "par")
-    p = iterate(par, micro, check=False, ARMS="dpo", SEEDS="1 2", JOBS="2", LANES="1")  # the arm with fewest stages
+    p = iterate(par, micro, check=False, ARMS="vanilla", SEEDS="1 2", JOBS="2", LANES="1")  # one round: no stage of its own
     assert p.returncode == 0, p.stdout + p.stderr
     assert "[seed 1] done" in p.stdout and "[seed 2] done" in p.stdout and os.path.exists(os.path.join(par, "seed2.log"))
-    for folder in ("sft", "rm", "ppo_vanilla", "dpo"):
+    for folder in ("sft", "rm", "ppo_vanilla"):
         with open(os.path.join(first["run_dir"], "seed1", folder, "model.safetensors"), "rb") as f, \
                 open(os.path.join(par, "seed1", folder, "model.safetensors"), "rb") as g:
             assert f.read() == g.read(), folder
@@ -251,14 +251,29 @@ def test_seeds_side_by_side_equal_the_seed_alone(first, micro, tmp_path):
         res = json.load(f)
     assert res["config"]["seeds"] == [1, 2] and set(res["per_seed"]) == {"1", "2"}
     assert res["per_seed"]["1"] != res["per_seed"]["2"]
-    assert set(res["per_seed"]["1"]) == {"sft", "vanilla_ppo/step2", "dpo"}
+    assert set(res["per_seed"]["1"]) == {"sft", "vanilla_ppo/step2", "vanilla/round1"}
     assert res["per_seed"]["1"] == {k: first["res"]["per_seed"]["1"][k] for k in res["per_seed"]["1"]}
 
 
 # --- on the first run's RUN_DIR, in this order ----------------------------------------------
-def test_a_second_invocation_skips_every_stage(first, micro):
-    ran, skipped, _ = iterate(first["run_dir"], micro)
+def python_starts(tmp_path):
+    """Env that makes every python iterate.sh starts log its command line (a sitecustomize.py on
+    PYTHONPATH), and a function that reads them back."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, sys\nwith open(os.environ['PYTHON_STARTS'], 'a') as f:\n    f.write(' '.join(sys.argv) + '\\n')\n")
+    log = tmp_path / "starts.txt"
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PYTHON_STARTS": str(log)}
+    return env, lambda: [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_second_invocation_skips_every_stage(first, micro, tmp_path):
+    """Every stage skipped, and the flags not parsed again (RUN_DIR/flags_checked holds them): the
+    one python started is the report over seeds."""
+    env, starts = python_starts(tmp_path)
+    ran, skipped, _ = iterate(first["run_dir"], micro, **env)
     assert ran == [] and sorted(skipped) == sorted(STAGES)
+    assert starts() == ["evaluate.py"]
 
 
 def test_another_spelling_of_the_run_dir_is_the_same_run(first, micro):
@@ -291,6 +306,9 @@ def test_other_settings_are_refused_before_any_stage(first, micro):
     p = iterate(first["run_dir"], micro, check=False, PPO_STEPS="3")
     assert p.returncode == 2 and "[run ]" not in p.stdout and "[skip]" not in p.stdout, p.stdout + p.stderr
     assert "was run with other settings: before PPO_STEPS=2; now PPO_STEPS=3" in p.stderr, p.stderr
+    # the evaluation's flags may change on a finished RUN_DIR (the seeds are re-evaluated), and are checked
+    p = iterate(first["run_dir"], micro, check=False, EVAL_ARGS="--n_prompts 20 --tie_margin -1")
+    assert p.returncode == 2 and "evaluate.py: --tie_margin -1: must be >= 0" in p.stderr and "[run ]" not in p.stdout
 
 
 def test_a_second_iterate_sh_on_the_same_run_dir_is_refused(first, micro):
