@@ -59,7 +59,8 @@ for A in $ARMS; do
 done
 
 # Each stage's extra flags parse before the first stage runs (one python start for all of them),
-# unless this RUN_DIR has checked these very flags already (RUN_DIR/flags_checked, written below).
+# unless this RUN_DIR has checked these very flags already (RUN_DIR/flags_checked, written below;
+# each stage still checks its own flags when it starts).
 FLAGS=(SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" PPO_ARGS "${PPO_ARGS:-}"
        SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" EVAL_ARGS "${EVAL_ARGS:-}")
 if [ "$(cat "$RUN_DIR/flags_checked" 2>/dev/null)" != "$(printf '%s\n' "${FLAGS[@]}")" ]; then
