@@ -1,9 +1,9 @@
 """Run by test_distributed.py as one process or under torchrun (DDP or FSDP2): a few steps of
 every stage through its real entry point, with the same global batches, so that the logged
 losses can be compared across world sizes (the reward model and first_order MetaRM with gradient
-checkpointing, as the 7B presets train them); the bilevel RM's steps; the meta data sampled, each process a share; one
-step of the PPO stage; one PPO update on fixed roll-outs; and a checkpoint written at one world
-size and read at another.
+checkpointing, as the 7B presets train them); the bilevel RM's steps; the meta data sampled, each
+process a share; one step of the PPO stage; one PPO update on fixed roll-outs; and a checkpoint
+written at one world size and read at another.
 
     python tests/dist_harness.py single OUT CONFIG_JSON
     torchrun --nproc_per_node 2 tests/dist_harness.py fsdp OUT CONFIG_JSON
@@ -43,8 +43,10 @@ def stages(strategy, out, micro):
                "--eval_data", f"{d}/pairs_test.jsonl", "--support", micro["meta"], "--output_dir", f"{out}/bilevel",
                "--steps", "3", "--support_prompts", "2", "--query_pairs", "4", "--lr", "1e-3", *s]
     if strategy == "fsdp":  # the second-order forms must refuse, with the reason
-        for name, stage, argv in (("metarm", metarm, ["--meta_data", micro["meta"], "--meta_grad", "exact",
-                                                      "--output_dir", f"{out}/refused", *s]), ("bilevel", bilevel_rm, bilevel)):
+        second_order = {"metarm": (metarm, ["--meta_data", micro["meta"], "--meta_grad", "exact",
+                                            "--output_dir", f"{out}/refused", *s]),
+                        "bilevel": (bilevel_rm, bilevel)}
+        for name, (stage, argv) in second_order.items():
             try:
                 stage.main(argv)
             except cli.UserError as e:
