@@ -63,7 +63,8 @@ done
 # each stage still checks its own flags when it starts).
 FLAGS=(SFT_ARGS "${SFT_ARGS:-}" RM_ARGS "${RM_ARGS:-}" METARM_ARGS "${METARM_ARGS:-}" PPO_ARGS "${PPO_ARGS:-}"
        SAMPLE_ARGS "${SAMPLE_ARGS:-}" DPO_ARGS "${DPO_ARGS:-}" BILEVEL_ARGS "${BILEVEL_ARGS:-}" EVAL_ARGS "${EVAL_ARGS:-}")
-if [ "$(cat "$RUN_DIR/flags_checked" 2>/dev/null)" != "$(printf '%s\n' "${FLAGS[@]}")" ]; then
+CHECKED=$(printf '%s\n' "${FLAGS[@]}")
+if [ "$(cat "$RUN_DIR/flags_checked" 2>/dev/null)" != "$CHECKED" ]; then
   python tools/check_flags.py "${FLAGS[@]}" || exit 2
 fi
 
@@ -93,4 +94,4 @@ if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]
     | sed -n 's/^< /before /p; s/^> /now /p' | tr '\n' ';' | sed 's/;/; /g')use another RUN_DIR, or delete it"
 fi
 echo "$SETTINGS" > "$RUN_DIR/settings.tmp" && mv "$RUN_DIR/settings.tmp" "$RUN_DIR/settings"
-printf '%s\n' "${FLAGS[@]}" > "$RUN_DIR/flags_checked.tmp" && mv "$RUN_DIR/flags_checked.tmp" "$RUN_DIR/flags_checked"
+printf '%s\n' "$CHECKED" > "$RUN_DIR/flags_checked.tmp" && mv "$RUN_DIR/flags_checked.tmp" "$RUN_DIR/flags_checked"

@@ -2,9 +2,10 @@
 bash iterate.sh` with the presets' own stage settings (lengths 512, truncation, bad rows skipped,
 gradient checkpointing, --strategy fsdp, k = 5 samples of 256 / 64 tokens, 16 roll-outs per
 query), one round of one PPO step, one process a stage, the model replaced by a small one and the
-hub data sets by local files in their real schemas and real lengths: multi-turn HH-RLHF transcripts of 300-600 tokens, TL;DR posts with
-their comparisons. What only the real path does - long rows, cuts, chat text, the preset's lengths
-in every stage and in the evaluation - runs on every CI run."""
+hub data sets by local files in their real schemas and real lengths: multi-turn HH-RLHF
+transcripts of 300-600 tokens, TL;DR posts with their comparisons. What only the real path does -
+long rows, cuts, chat text, the preset's lengths in every stage and in the evaluation - runs on
+every CI run."""
 import json
 import os
 import random

@@ -1,5 +1,6 @@
 """The study's statistics (significance.py: Student's t, the paired t-test, Holm) and its eta grid
 rule (studies/pretrained_rm.py), against hand computations."""
+import json
 import math
 import os
 import sys
@@ -54,7 +55,6 @@ def test_a_seed_is_measured_whole_on_one_build(tmp_path, monkeypatch):
     """A seed measured whole on one build of SFT and pi_1 (even an unrecorded one) is left alone; a
     seed left part-way on another build has those measurements moved aside and every arm measured
     again on this one, so that its arms stay paired on one build."""
-    import json
     trained = []
     monkeypatch.setattr(study, "stage", lambda script, *argv: trained.append(argv[argv.index("--output_dir") + 1]))
     monkeypatch.setattr(study, "measure", lambda rm, samples, out, b: open(out, "w").write(json.dumps({"build": b})))
@@ -97,7 +97,6 @@ def test_the_confirmation_arm_follows_the_registered_rule():
 def test_the_report_by_hand(tmp_path):
     """Three seeds, vanilla and one MetaRM arm: the paired difference, its p, the detectable
     difference (t_{0.975, 2} + z_0.8) se and the confirmation arm, from the measurement files."""
-    import json
     gold = {"vanilla": [0.50, 0.40, 0.45], "eta20": [0.52, 0.425, 0.465]}  # differences 0.02, 0.025, 0.015
     B = {"sft": "s", "pi_1": "p", "cpu": "c"}
     for s in (1, 2, 3):
@@ -128,7 +127,6 @@ def test_the_confirmation_verdict_follows_the_registered_rule(tmp_path):
     assert study.confirmation_verdict(t(-0.02, -0.001), "null").startswith("the null is not kept: MetaRM is worse")
     assert study.confirmation_verdict(t(0.001, 0.02), "gain").startswith("the gain is confirmed")
     assert study.confirmation_verdict(t(-0.001, 0.02), "gain").startswith("the gain is not confirmed")
-    import json
     for s in (4, 5, 6):  # gold differences -0.01, +0.01, +0.003: the interval holds zero
         (tmp_path / f"seed{s}" / "measure").mkdir(parents=True)
         for arm, g in (("vanilla", 0.5), ("eta2000", 0.5 + {4: -0.01, 5: 0.01, 6: 0.003}[s])):
@@ -158,7 +156,6 @@ def test_ppo_at_the_policy_scores_the_first_answer_of_each_policy(micro, tmp_pat
     """Part 3's runner: PPO with the seed's vanilla RM and with the arm's RM, each policy's answers
     sampled with the same seed, the first answer to each prompt scored by the gold judge; a seed
     whose RMs are of another build is refused; what is done is not run again."""
-    import json
     import task
     with open(f"{micro['data']}/prompts_test.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:4]
@@ -199,7 +196,6 @@ def test_ppo_at_the_policy_scores_the_first_answer_of_each_policy(micro, tmp_pat
 
 
 def test_the_policy_report_by_hand(tmp_path):
-    import json
     gold = {1: {"vanilla": [0.0, 1.0, 0.5], "eta20": [0.5, 1.0, 1.0]}, 2: {"vanilla": [1.0, 1.0, 0.0], "eta20": [1.0, 0.5, 0.0]}}
     for s, by_rm in gold.items():
         (tmp_path / f"seed{s}" / "policy").mkdir(parents=True)
